@@ -1,0 +1,449 @@
+"""One memory backend per device kind: the limit, the peak over a window of work, the cleanup, the cap.
+
+This is the only module that calls ``torch.mps`` / ``torch.cuda`` memory functions. The MPS backend
+reads the modules it is given (default ``torch.mps`` and ``torch.accelerator``), which is how the
+simulated accelerator (`mps_autobatch.simulate`) stands in for a Mac in tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from ._tracking import StorageBook
+from ._units import format_bytes
+
+__all__ = [
+    "BACKENDS",
+    "CPUBackend",
+    "CUDABackend",
+    "MPSBackend",
+    "MemoryBackend",
+    "MemoryLimit",
+    "PeakWindow",
+    "get_backend",
+]
+
+GiB = 2**30
+# torch's defaults (aten/src/ATen/mps/MPSAllocator.h): the high watermark caps driver memory at
+# ratio x recommendedMaxWorkingSetSize; 2.0 is the largest ratio it accepts, 0.0 means unlimited.
+MPS_DEFAULT_HIGH_WATERMARK_RATIO = 1.7
+MPS_MAX_HIGH_WATERMARK_RATIO = 2.0
+MPS_WATERMARK_ENV = "PYTORCH_MPS_HIGH_WATERMARK_RATIO"
+CPU_DEFAULT_LIMIT_BYTES = 4 * GiB
+
+HostMemory = Callable[[], tuple[int, int]]
+
+
+def _host_memory() -> tuple[int, int]:
+    """(total, available) bytes of this machine's RAM."""
+    memory = psutil.virtual_memory()
+    return memory.total, memory.available
+
+
+@dataclass(frozen=True)
+class MemoryLimit:
+    """A memory limit in bytes and, in words, where it came from."""
+
+    bytes: int
+    source: str
+
+
+@dataclass
+class PeakWindow:
+    """Filled in when a `MemoryBackend.measure` block ends without an exception.
+
+    Attributes:
+        peak_bytes: the highest reading of the counter the limit applies to; None if it read 0 or nothing.
+        allocated_bytes: the highest live-tensor reading; None if unknown.
+    """
+
+    peak_bytes: int | None = None
+    allocated_bytes: int | None = None
+
+
+def _positive(value: int | float | None) -> int | None:
+    # A counter that reads 0 around real work measured nothing (REFERENCE.md C: torch.accelerator
+    # returns 0 on a CUDA build without a GPU); never treat it as a measurement.
+    return int(value) if value else None
+
+
+class MemoryBackend:
+    """What the search needs from a device: a limit, peak readings, cleanup, and a cap while probing.
+
+    Subclasses set ``name`` and ``device`` and override the methods below.
+    """
+
+    name: str = "base"
+    device: torch.device = torch.device("cpu")
+
+    @staticmethod
+    def is_available() -> bool:
+        """Whether this kind of device can be used in this process."""
+        return False
+
+    def limit(self, memory_limit: int | None = None) -> MemoryLimit:
+        """The limit the whole process's memory on this device is held to."""
+        raise NotImplementedError
+
+    @contextmanager
+    def session(self, limit_bytes: int) -> Iterator[None]:
+        """Hold the process to ``limit_bytes`` while probing, and undo it afterwards."""
+        yield
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakWindow]:
+        """Measure the peak of the block; the window is filled in when the block ends normally."""
+        raise NotImplementedError
+        yield PeakWindow()  # pragma: no cover
+
+    def synchronize(self) -> None:
+        """Wait for queued device work, so clocks and counters are read after it."""
+
+    def clear_cache(self) -> None:
+        """Release what the last step left behind: garbage, then the allocator's idle cache."""
+        gc.collect()
+
+
+class MPSBackend(MemoryBackend):
+    """Apple-silicon GPUs through the Metal allocator.
+
+    The limit is ``ratio x recommended_max_memory()``, checked by the allocator against *driver*
+    memory (tensors, its cache and MPSGraph's own allocations), and never more than RAM can hold now.
+    While probing, the backend sets ``set_per_process_memory_fraction`` so an overshoot raises an error
+    instead of swapping; afterwards it restores the ratio from PYTORCH_MPS_HIGH_WATERMARK_RATIO or the
+    1.7 default (torch has no getter, so a ratio set by other code before the probe is not restored).
+
+    Args:
+        mps: the module to read (``torch.mps``; the simulation in tests).
+        accelerator: the module for peak statistics (``torch.accelerator``, torch >= 2.13), or None.
+        device: where tensors go (``"mps"``; ``"cpu"`` for the simulation).
+        host_memory: returns (total, available) RAM; unified memory is RAM on a Mac.
+        name: how results name the device.
+    """
+
+    name = "mps"
+
+    def __init__(
+        self,
+        mps: Any = None,
+        accelerator: Any = None,
+        *,
+        device: str = "mps",
+        host_memory: HostMemory = _host_memory,
+        name: str = "mps",
+    ) -> None:
+        self._mps = mps if mps is not None else torch.mps
+        self._accelerator = accelerator if accelerator is not None else getattr(torch, "accelerator", None)
+        self._host_memory = host_memory
+        self.device = torch.device(device)
+        self.name = name
+        self._peak_stats: bool | None = None
+
+    @staticmethod
+    def is_available() -> bool:
+        return torch.backends.mps.is_available()
+
+    def recommended_max_bytes(self) -> tuple[int, str]:
+        """Metal's recommendedMaxWorkingSetSize, or an estimate from RAM where torch < 2.5 lacks it."""
+        read = getattr(self._mps, "recommended_max_memory", None)
+        if read is not None:
+            return int(read()), "recommendedMaxWorkingSetSize"
+        total, _ = self._host_memory()
+        share = 2 / 3 if total <= 32 * GiB else 3 / 4
+        return int(total * share), f"estimated as {share:.2f} of RAM (torch < 2.5 cannot read it)"
+
+    @staticmethod
+    def watermark_ratio() -> tuple[float, str]:
+        """The high-watermark ratio torch starts with: PYTORCH_MPS_HIGH_WATERMARK_RATIO or 1.7."""
+        raw = os.environ.get(MPS_WATERMARK_ENV)
+        if raw is None:
+            return MPS_DEFAULT_HIGH_WATERMARK_RATIO, "default"
+        try:
+            ratio = float(raw)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= MPS_MAX_HIGH_WATERMARK_RATIO:
+            raise ValueError(
+                f"{MPS_WATERMARK_ENV}={raw!r} is not a ratio between 0.0 and 2.0. "
+                f"Unset it, or set it to e.g. 1.7 (0.0 disables the limit)."
+            )
+        return ratio, MPS_WATERMARK_ENV
+
+    def limit(self, memory_limit: int | None = None) -> MemoryLimit:
+        total, available = self._host_memory()
+        recommended, recommended_source = self.recommended_max_bytes()
+        ratio, ratio_source = self.watermark_ratio()
+        if memory_limit is not None:
+            if memory_limit > total:
+                raise ValueError(
+                    f"memory_limit {format_bytes(memory_limit)} is more than this Mac's "
+                    f"{format_bytes(total)} of unified memory. Pass a smaller memory limit."
+                )
+            return MemoryLimit(min(memory_limit, int(MPS_MAX_HIGH_WATERMARK_RATIO * recommended)), "memory_limit")
+        held = int(self._mps.driver_allocated_memory())
+        ram = available + held
+        allocator = ratio * recommended if ratio > 0 else float("inf")
+        if allocator <= ram:
+            return MemoryLimit(
+                int(allocator),
+                f"{ratio:.2f} ({ratio_source}) x recommended max {format_bytes(recommended)} "
+                f"({recommended_source})",
+            )
+        return MemoryLimit(
+            ram,
+            f"RAM: {format_bytes(available)} available + {format_bytes(held)} held by this process "
+            f"(below the allocator's own cap of {ratio:.2f} x {format_bytes(recommended)}, which would swap)",
+        )
+
+    @contextmanager
+    def session(self, limit_bytes: int) -> Iterator[None]:
+        recommended, _ = self.recommended_max_bytes()
+        restore_ratio, _ = self.watermark_ratio()
+        fraction = min(limit_bytes / recommended, MPS_MAX_HIGH_WATERMARK_RATIO)
+        self._mps.set_per_process_memory_fraction(float(fraction))
+        try:
+            yield
+        finally:
+            self._mps.set_per_process_memory_fraction(float(restore_ratio))
+
+    def _has_peak_stats(self) -> bool:
+        # torch >= 2.13 keeps allocator peaks for MPS behind torch.accelerator; earlier versions raise
+        # "Allocator for mps is not a DeviceAllocator", and a CUDA build without a GPU returns 0.
+        if self._peak_stats is None:
+            accelerator = self._accelerator
+            try:
+                self._peak_stats = bool(
+                    accelerator is not None
+                    and hasattr(accelerator, "max_memory_allocated")
+                    and accelerator.is_available()
+                    and getattr(accelerator.current_accelerator(), "type", None) == "mps"
+                )
+                if self._peak_stats:
+                    accelerator.reset_peak_memory_stats()
+            except RuntimeError:
+                self._peak_stats = False
+        return self._peak_stats
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakWindow]:
+        window = PeakWindow()
+        peak_stats = self._has_peak_stats()
+        driver: list[int] = []
+        allocated: list[int] = []
+
+        def sample(*_: Any) -> None:
+            self._mps.synchronize()
+            driver.append(int(self._mps.driver_allocated_memory()))
+            allocated.append(int(self._mps.current_allocated_memory()))
+
+        sample()
+        if peak_stats:
+            self._accelerator.reset_peak_memory_stats()
+        # Driver memory is read at every module's forward (after a synchronize) and at the end; freed
+        # buffers stay in the allocator's cache, so driver memory only falls when the cache is flushed.
+        hook = torch.nn.modules.module.register_module_forward_hook(sample)
+        try:
+            yield window
+        finally:
+            hook.remove()
+        sample()
+        window.peak_bytes = _positive(max(driver))
+        tensor_peak = self._accelerator.max_memory_allocated() if peak_stats else max(allocated)
+        window.allocated_bytes = _positive(tensor_peak)
+
+    def synchronize(self) -> None:
+        self._mps.synchronize()
+
+    def clear_cache(self) -> None:
+        gc.collect()
+        self._mps.synchronize()
+        self._mps.empty_cache()
+
+
+class CUDABackend(MemoryBackend):
+    """NVIDIA GPUs through the CUDA caching allocator.
+
+    The limit is the per-process memory fraction when one is set, else the device's free memory plus
+    what this process already reserved. The peak is the step's peak *reserved* bytes. While probing,
+    the fraction is set to the limit so an overshoot raises ``torch.OutOfMemoryError`` deterministically.
+    """
+
+    name = "cuda"
+
+    def __init__(self, device: str = "cuda") -> None:
+        self.device = torch.device(device)
+        self.name = str(self.device)
+        self._index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+
+    @staticmethod
+    def is_available() -> bool:
+        return torch.cuda.is_available()
+
+    def _fraction(self) -> float:
+        read = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+        return float(read(self._index)) if read is not None else 1.0
+
+    def limit(self, memory_limit: int | None = None) -> MemoryLimit:
+        total = torch.cuda.get_device_properties(self._index).total_memory
+        if memory_limit is not None:
+            if memory_limit > total:
+                raise ValueError(
+                    f"memory_limit {format_bytes(memory_limit)} is more than {self.name}'s "
+                    f"{format_bytes(total)}. Pass a smaller memory limit."
+                )
+            return MemoryLimit(memory_limit, "memory_limit")
+        fraction = self._fraction()
+        if fraction < 1.0:
+            return MemoryLimit(int(fraction * total), f"per-process memory fraction {fraction:.2f}")
+        free, _ = torch.cuda.mem_get_info(self._index)
+        reserved = torch.cuda.memory_reserved(self._index)
+        return MemoryLimit(
+            free + reserved,
+            f"{format_bytes(free)} free on the device + {format_bytes(reserved)} reserved by this process",
+        )
+
+    @contextmanager
+    def session(self, limit_bytes: int) -> Iterator[None]:
+        total = torch.cuda.get_device_properties(self._index).total_memory
+        previous = self._fraction()
+        torch.cuda.set_per_process_memory_fraction(min(limit_bytes / total, 1.0), self._index)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(previous, self._index)
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakWindow]:
+        window = PeakWindow()
+        torch.cuda.synchronize(self._index)
+        torch.cuda.reset_peak_memory_stats(self._index)
+        yield window
+        torch.cuda.synchronize(self._index)
+        window.peak_bytes = _positive(torch.cuda.max_memory_reserved(self._index))
+        window.allocated_bytes = _positive(torch.cuda.max_memory_allocated(self._index))
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self._index)
+
+    def clear_cache(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self._index)
+
+
+class CPUBackend(MemoryBackend):
+    """The host CPU, where nothing enforces a limit and the resident set is noisy.
+
+    The peak is repeatable by construction: the process's resident memory when probing began (a fixed,
+    measured overhead) plus the peak of live tensor bytes allocated since, counted storage by storage
+    (REFERENCE.md C: three identical steps gave 366, 104 and 64 MB of resident-set growth). The default
+    limit is min(4 GiB, half the available RAM).
+    """
+
+    name = "cpu"
+    device = torch.device("cpu")
+
+    def __init__(self, host_memory: HostMemory = _host_memory) -> None:
+        self._host_memory = host_memory
+        self._book: StorageBook | None = None
+        self._base_bytes = 0
+        self._live = 0
+        self._peak = 0
+
+    @staticmethod
+    def is_available() -> bool:
+        return True
+
+    def limit(self, memory_limit: int | None = None) -> MemoryLimit:
+        total, available = self._host_memory()
+        if memory_limit is not None:
+            if memory_limit > total:
+                raise ValueError(
+                    f"memory_limit {format_bytes(memory_limit)} is more than this machine's "
+                    f"{format_bytes(total)} of RAM. Pass a smaller memory limit."
+                )
+            return MemoryLimit(memory_limit, "memory_limit")
+        if available // 2 < CPU_DEFAULT_LIMIT_BYTES:
+            return MemoryLimit(available // 2, f"half of the {format_bytes(available)} of available RAM")
+        return MemoryLimit(CPU_DEFAULT_LIMIT_BYTES, "default CPU limit (4 GiB)")
+
+    def _allocate(self, nbytes: int) -> int:
+        self._live += nbytes
+        self._peak = max(self._peak, self._live)
+        return nbytes
+
+    def _free(self, nbytes: object) -> None:
+        self._live -= int(nbytes)  # type: ignore[call-overload]
+
+    @contextmanager
+    def session(self, limit_bytes: int) -> Iterator[None]:
+        gc.collect()
+        self._base_bytes = psutil.Process().memory_info().rss
+        self._book = StorageBook(self._allocate, self._free, adopt_inputs=False)
+        try:
+            with self._book:
+                yield
+        finally:
+            self._book = None
+
+    @contextmanager
+    def measure(self) -> Iterator[PeakWindow]:
+        if self._book is None:
+            raise RuntimeError("CPUBackend.measure() needs an open session(); use `with backend.session(...)`.")
+        window = PeakWindow()
+        self._peak = self._live
+        yield window
+        window.peak_bytes = self._base_bytes + self._peak
+        window.allocated_bytes = _positive(self._peak)
+
+
+BACKENDS: dict[str, Callable[..., MemoryBackend]] = {
+    "mps": MPSBackend,
+    "cuda": CUDABackend,
+    "cpu": CPUBackend,
+}
+"""Device kinds by torch device type, in the order ``device="auto"`` tries them."""
+
+_AVAILABILITY: dict[str, Callable[[], bool]] = {
+    "mps": MPSBackend.is_available,
+    "cuda": CUDABackend.is_available,
+    "cpu": CPUBackend.is_available,
+}
+
+
+def get_backend(device: str | MemoryBackend = "auto") -> MemoryBackend:
+    """The memory backend for a torch device string, or the backend object itself.
+
+    Args:
+        device: "auto" (MPS, then CUDA, then CPU, each by its own availability check), "mps", "cuda",
+            "cuda:N", "cpu", or a `MemoryBackend` (the simulation, for instance), returned as is.
+
+    Raises:
+        ValueError: an unknown device, or one that is not available here.
+
+    Example:
+        >>> get_backend("cpu").name
+        'cpu'
+    """
+    if isinstance(device, MemoryBackend):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as 'mps' or a MemoryBackend, got {device!r}.")
+    if device == "auto":
+        kind = next(kind for kind in BACKENDS if _AVAILABILITY[kind]())
+        return BACKENDS[kind]()
+    kind = device.split(":", 1)[0]
+    if kind not in BACKENDS or (kind != "cuda" and device != kind) or not re.fullmatch(r"[a-z]+(:\d+)?", device):
+        raise ValueError(f"Unknown device {device!r}. Use one of: auto, mps, cuda, cuda:N, cpu.")
+    if not _AVAILABILITY[kind]():
+        raise ValueError(f"Device {device!r} is not available on this machine. Use --device auto or cpu.")
+    return BACKENDS[kind](device) if kind == "cuda" else BACKENDS[kind]()

@@ -1,0 +1,256 @@
+"""Predict a training step's peak tensor memory without a device: trace it on fake tensors.
+
+Under `torch._subclasses.fake_tensor.FakeTensorMode` every tensor is metadata only, so a whole training
+step (forward, cross-entropy, backward, optimizer step) runs in seconds with no memory behind it, and
+`torch.distributed._tools.mem_tracker.MemTracker` books each storage as the real step would allocate it.
+The result is the peak of live tensor bytes: parameters, buffers, gradients, optimizer state, activations
+and backward temporaries. It does not include allocator caches, CUDA context or MPSGraph memory; calibrate
+against one real probe before trusting it near a limit.
+
+Tracing is on fake *cpu* tensors: a fake "mps" or "cuda" module cannot be built where that backend is
+missing, and tensor sizes do not depend on the device.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.distributed._tools.mem_tracker import MemTracker
+
+from .workload import AMP_DTYPES, OPTIMIZERS
+
+__all__ = ["Estimate", "estimate_grid", "estimate_peak"]
+
+_CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The predicted tensor peak of one steady-state training step.
+
+    Attributes:
+        batch_size: samples per step.
+        input_shape: the shape of one sample, e.g. ``(3, 224, 224)``.
+        peak_bytes: the predicted peak of live tensor bytes during the step (parameters, buffers,
+            gradients, optimizer state, activations and temporaries), with the optimizer state already
+            created by an earlier step.
+    """
+
+    batch_size: int
+    input_shape: tuple[int, ...]
+    peak_bytes: int
+
+
+def _check_args(
+    input_shapes: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    num_classes: int,
+    optimizer: str,
+    amp: str | None,
+) -> None:
+    for batch_size in batch_sizes:
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}. Pass a positive batch_size.")
+    for shape in input_shapes:
+        if len(shape) == 0 or any(not isinstance(size, int) or size < 1 for size in shape):
+            raise ValueError(
+                f"input_shape must be the positive sizes of one sample, got {tuple(shape)!r}. "
+                "Pass e.g. input_shape=(3, 224, 224)."
+            )
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes!r}. Pass the classifier's output size.")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"Unknown optimizer {optimizer!r}. Use one of: {', '.join(OPTIMIZERS)}.")
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"Unknown amp {amp!r}. Use None, {' or '.join(map(repr, AMP_DTYPES))}.")
+
+
+def _fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are fake cpu tensors; ``model`` is not touched.
+
+    Values do not matter for memory, so each tensor becomes an empty fake one of the same size, stride
+    and dtype, handed to `copy.deepcopy` through its memo so the real storages are never copied.
+    Shared (tied) tensors stay shared, as the memo is keyed by identity.
+    """
+
+    def fake_like(tensor: torch.Tensor) -> torch.Tensor:
+        with mode:
+            return torch.empty_strided(tensor.size(), tensor.stride(), dtype=tensor.dtype, device=_CPU)
+
+    memo: dict[int, Any] = {}
+    for param in model.parameters():
+        memo[id(param)] = nn.Parameter(fake_like(param), requires_grad=param.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = fake_like(buffer)
+    return copy.deepcopy(model, memo)
+
+
+def _fake_model(model: nn.Module | Callable[[], nn.Module], mode: FakeTensorMode) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return _fake_copy(model, mode)
+    with mode:
+        built = model()
+    if not isinstance(built, nn.Module):
+        raise TypeError(f"model factory must return an nn.Module, got {type(built).__name__}.")
+    tensors = [*built.parameters(), *built.buffers()]
+    # A factory that hands back a model it built earlier (a cache, a global) still holds real tensors.
+    return built if all(isinstance(t, FakeTensor) for t in tensors) else _fake_copy(built, mode)
+
+
+def _fake_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    input_shape: tuple[int, ...],
+    batch_size: int,
+    num_classes: int,
+    amp: str | None,
+) -> None:
+    """One training step as `ModuleWorkload.step` runs it (no GradScaler: its few scalars are noise)."""
+    inputs = torch.randn(batch_size, *input_shape, device=_CPU)
+    targets = torch.randint(num_classes, (batch_size,), device=_CPU)
+    with torch.autocast("cpu", dtype=AMP_DTYPES[amp]) if amp else nullcontext():
+        loss = nn.functional.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _trace(
+    model: nn.Module | Callable[[], nn.Module],
+    *,
+    input_shapes: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    num_classes: int,
+    optimizer: str,
+    amp: str | None,
+) -> list[Estimate]:
+    _check_args(input_shapes, batch_sizes, num_classes, optimizer, amp)
+    shapes = [tuple(shape) for shape in input_shapes]
+    points = [(shape, batch_size) for shape in shapes for batch_size in batch_sizes]
+    if not points:
+        return []
+    mode = FakeTensorMode()
+    # Fake ops draw no random numbers, but a factory may seed or draw outside them: keep the caller's RNG.
+    with torch.random.fork_rng(devices=[]):
+        fake = _fake_model(model, mode)
+        fake.train()
+        with mode:
+            opt = OPTIMIZERS[optimizer](fake.parameters())
+            # An untracked first step creates the optimizer state, so every traced step is a steady one.
+            _fake_step(fake, opt, *points[0], num_classes, amp)
+        estimates = []
+        for shape, batch_size in points:
+            # A fresh tracker per step: its peak starts from what is live now (params, buffers, state).
+            tracker = MemTracker()
+            tracker.track_external(fake, opt)
+            with mode, tracker:
+                _fake_step(fake, opt, shape, batch_size, num_classes, amp)
+            peak = tracker.get_tracker_snapshot("peak").get(_CPU, {}).get("Total", 0)
+            estimates.append(Estimate(batch_size=batch_size, input_shape=shape, peak_bytes=int(peak)))
+    return estimates
+
+
+def estimate_peak(
+    model: nn.Module | Callable[[], nn.Module],
+    *,
+    input_shape: Sequence[int],
+    batch_size: int,
+    num_classes: int,
+    optimizer: str = "adamw",
+    amp: str | None = None,
+) -> Estimate:
+    """Predict the peak tensor memory of one training step of ``model``, with no device and no real memory.
+
+    The step (forward, cross-entropy, backward, ``optimizer.step()``, ``zero_grad(set_to_none=True)``) is
+    traced twice on fake cpu tensors and the second one is measured, so the optimizer state is counted
+    as it is in every step after the first.
+
+    Args:
+        model: a module, copied onto fake tensors and left untouched, or better a factory such as
+            ``lambda: timm.create_model("resnet50", num_classes=10)``, which is called under the fake mode
+            so the model never takes real memory.
+        input_shape: the shape of one sample, e.g. ``(3, 224, 224)``.
+        batch_size: samples per step.
+        num_classes: classes for the synthetic targets (the model's output size).
+        optimizer: "adamw", "adam" or "sgd" (with momentum), as in `mps_autobatch.workload.OPTIMIZERS`.
+        amp: None, "bf16" or "fp16" (autocast; fp16 without a GradScaler).
+
+    Returns:
+        The `Estimate` for this batch size and input shape.
+
+    Raises:
+        ValueError: batch_size below 1, an empty or non-positive input_shape, num_classes below 1, or an
+            unknown optimizer or amp.
+
+    Example:
+        >>> from torch import nn
+        >>> est = estimate_peak(lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4)),
+        ...                     input_shape=(3, 2, 2), batch_size=8, num_classes=4)
+        >>> est
+        Estimate(batch_size=8, input_shape=(3, 2, 2), peak_bytes=1676)
+        >>> est.peak_bytes > 4 * (12 * 4 + 4) * 4  # at least parameters, gradients and two Adam moments
+        True
+    """
+    (estimate,) = _trace(
+        model,
+        input_shapes=[input_shape],
+        batch_sizes=[batch_size],
+        num_classes=num_classes,
+        optimizer=optimizer,
+        amp=amp,
+    )
+    return estimate
+
+
+def estimate_grid(
+    model_factory: Callable[[], nn.Module],
+    *,
+    input_shapes: Sequence[Sequence[int]],
+    batch_sizes: Sequence[int],
+    num_classes: int,
+    optimizer: str = "adamw",
+    amp: str | None = None,
+) -> list[Estimate]:
+    """Predict the peak for every input shape and batch size, building the fake model only once.
+
+    Cheaper than calling `estimate_peak` per point: one fake model and one state-creating step serve the
+    whole grid, and tracing cost does not grow with batch or image size.
+
+    Args:
+        model_factory: builds the model, called once under the fake mode (e.g. a `timm.create_model` call).
+        input_shapes: shapes of one sample, e.g. ``[(3, 224, 224), (3, 384, 384)]``.
+        batch_sizes: samples per step.
+        num_classes: classes for the synthetic targets.
+        optimizer: "adamw", "adam" or "sgd".
+        amp: None, "bf16" or "fp16".
+
+    Returns:
+        One `Estimate` per (input shape, batch size), shapes in the outer loop, in the order given.
+
+    Raises:
+        ValueError: as `estimate_peak`, for any of the shapes or sizes.
+
+    Example:
+        >>> from torch import nn
+        >>> grid = estimate_grid(lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4)),
+        ...                      input_shapes=[(3, 2, 2)], batch_sizes=[8, 64], num_classes=4)
+        >>> [e.batch_size for e in grid]
+        [8, 64]
+        >>> grid[0].peak_bytes < grid[1].peak_bytes
+        True
+    """
+    return _trace(
+        model_factory,
+        input_shapes=input_shapes,
+        batch_sizes=batch_sizes,
+        num_classes=num_classes,
+        optimizer=optimizer,
+        amp=amp,
+    )

@@ -1,0 +1,99 @@
+"""What a probe found: one `Trial` per real training step it ran, and the `ProbeResult` built from them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+__all__ = ["Outcome", "ProbeResult", "Trial"]
+
+Outcome = Literal["ok", "oom", "over_limit"]
+"""How a trial ended: it ran within the limit, it raised an out-of-memory error, or it ran but its
+measured peak went past the limit (CPU and CUDA, where nothing enforces the limit for us)."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One probe: `steps` real training steps at one batch size.
+
+    Attributes:
+        batch_size: samples per step.
+        outcome: "ok", "oom" or "over_limit".
+        peak_bytes: the peak the decision is made on: driver memory on MPS (what the allocator checks
+            against its limit), peak reserved bytes on CUDA, process memory on CPU. None when unknown.
+        allocated_bytes: the peak of live tensor memory (what the user's tensors take); the gap to
+            ``peak_bytes`` is allocator cache and, on MPS, Metal/MPSGraph allocations.
+        step_s: seconds per step (synchronized), None when the trial failed.
+        samples_per_s: ``batch_size / step_s``.
+        fits_budget: the trial ran and its peak is within the budget.
+        error: the out-of-memory message, for a failed trial.
+    """
+
+    batch_size: int
+    outcome: Outcome
+    peak_bytes: int | None
+    allocated_bytes: int | None
+    step_s: float | None
+    samples_per_s: float | None
+    fits_budget: bool
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """The step ran within the limit."""
+        return self.outcome == "ok"
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The answer of `find_safe_batch_size`, with every measurement behind it.
+
+    Attributes:
+        batch_size: the recommended size: the largest probed size whose measured peak fits the budget
+            (limit minus headroom), rounded down to ``multiple_of``.
+        max_batch_size: the largest size verified by a real step within the limit.
+        device: the device probed ("mps", "cuda", "cpu", "sim-mps", ...).
+        limit_bytes: the memory limit; ``limit_source`` says where it came from.
+        budget_bytes: ``limit_bytes * (1 - headroom)``.
+        headroom: the fraction of the limit kept free.
+        fixed_bytes, per_sample_bytes: the fitted line ``peak = fixed + per_sample * batch_size`` through
+            the largest verified sizes (None when there is no memory signal).
+        strategy: "measure" (counters guided the search) or "bisect" (crash-driven, see ``note``).
+        note: why the strategy was chosen, or anything else worth knowing about the answer.
+        steps_per_trial: training steps run in each trial.
+        requested: the batch size the caller wanted, if given.
+        accumulation: for ``requested``, the (micro-batch, accumulation steps) that reproduce it.
+        trials: every trial, in the order they ran.
+        elapsed_s: wall time of the whole probe.
+    """
+
+    batch_size: int
+    max_batch_size: int
+    device: str
+    limit_bytes: int
+    limit_source: str
+    budget_bytes: int
+    headroom: float
+    fixed_bytes: int | None
+    per_sample_bytes: int | None
+    strategy: Literal["measure", "bisect"]
+    note: str
+    steps_per_trial: int
+    requested: int | None
+    accumulation: tuple[int, int] | None
+    trials: tuple[Trial, ...]
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON.
+
+        Example:
+            >>> import json
+            >>> from mps_autobatch import ProbeResult
+            >>> r = ProbeResult(8, 10, "cpu", 100, "memory_limit", 80, 0.2, 10, 8, "measure", "", 1, None,
+            ...                 None, (), 0.5)
+            >>> json.loads(json.dumps(r.to_dict()))["batch_size"]
+            8
+        """
+        return dataclasses.asdict(self)

@@ -1,0 +1,354 @@
+"""The decision: from a ``step(batch_size)`` and the device's readings to a `ProbeResult`.
+
+Measure, model, verify. Each trial runs real training steps at one size and reads the device's peak.
+Peak memory is close to affine in the batch size, but not at small sizes (allocator rounding, caches),
+so the next size comes from the line through the two measured points nearest the target (secant
+steps), aimed a little under it; bisection takes over when interpolation stops shrinking the bracket.
+When the counters say nothing, or an out-of-memory error hits a size they said fits, the search falls
+back to crash-driven bisection, exact to the size, and says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from time import perf_counter
+from typing import Protocol
+
+from .accumulation import plan_accumulation
+from .devices import MemoryBackend, MemoryLimit
+from .errors import NoBatchSizeFits
+from .oom import is_oom_error
+from .results import ProbeResult, Trial
+
+__all__ = ["Workload", "first_batch_size", "search"]
+
+# Stop refining once the largest size that fits the budget is within this fraction of where the
+# measured line crosses it: one more step near the limit costs as much as the whole search so far.
+_TOLERANCE = 0.03
+# Never jump more than this factor above the largest size that fit: a line fitted at tiny sizes can be
+# far off, and on CPU and CUDA an overshoot is real memory, not a caught error.
+_MAX_GROWTH = 8
+# Without a requested size, start at 2: BatchNorm needs two samples, and one step costs little.
+_SMALL_START = 2
+# The seed's 20%-reduction rule: start at 80% of what the user asked for.
+_REDUCTION = 0.8
+
+
+class Workload(Protocol):
+    """What the search runs. `mps_autobatch.workload` builds one from a model or a step function."""
+
+    def warm_up(self, batch_size: int) -> None:
+        """Run once before the search at a tiny size, uncounted (e.g. create the optimizer state)."""
+
+    def step(self, batch_size: int) -> None:
+        """Run one full training step (forward, backward, optimizer) at ``batch_size``."""
+
+    def recover(self) -> None:
+        """Undo what a failed step left behind (partial gradients, BatchNorm statistics)."""
+
+
+def first_batch_size(requested: int | None, multiple_of: int = 1, max_batch_size: int | None = None) -> int:
+    """The first size probed: 80% of ``requested`` (the 20%-reduction rule), else a small start.
+
+    Rounded down to ``multiple_of``, never below it, never above ``max_batch_size``.
+
+    Example:
+        >>> first_batch_size(32), first_batch_size(32, multiple_of=8), first_batch_size(1), first_batch_size(None)
+        (25, 24, 1, 2)
+    """
+    if requested is None:
+        size = max(multiple_of, math.ceil(_SMALL_START / multiple_of) * multiple_of)
+    else:
+        size = max(multiple_of, int(requested * _REDUCTION) // multiple_of * multiple_of)
+    if max_batch_size is not None:
+        size = min(size, max(multiple_of, max_batch_size // multiple_of * multiple_of))
+    return size
+
+
+Line = tuple[float, float]  # (fixed bytes, bytes per sample)
+
+
+def _line(a: tuple[float, float], b: tuple[float, float]) -> Line | None:
+    (x1, y1), (x2, y2) = sorted((a, b))
+    if x2 == x1 or y2 <= y1:
+        return None
+    slope = (y2 - y1) / (x2 - x1)
+    return y1 - slope * x1, slope
+
+
+class _Search:
+    def __init__(
+        self,
+        workload: Workload,
+        backend: MemoryBackend,
+        limit: MemoryLimit,
+        *,
+        headroom: float,
+        multiple_of: int,
+        max_batch_size: int | None,
+        steps_per_trial: int,
+        find_max: bool,
+        on_trial: Callable[[Trial], None] | None,
+    ) -> None:
+        self.workload = workload
+        self.backend = backend
+        self.limit = limit.bytes
+        self.budget = int(limit.bytes * (1 - headroom))
+        self.headroom = headroom
+        self.m = multiple_of
+        self.cap = max_batch_size // multiple_of if max_batch_size is not None else None
+        self.steps = steps_per_trial
+        self.find_max = find_max
+        self.on_trial = on_trial
+        self.trials: list[Trial] = []
+        self.idle_bytes: int | None = None
+        self.idle_gap = 0
+        self.last_oom: BaseException | None = None
+        self._widths: dict[int, list[int]] = {}
+
+    # --- running trials -------------------------------------------------------------------------------
+    def warm_up(self, batch_size: int) -> None:
+        self.backend.clear_cache()  # a cache left by earlier work would hold the warm-up's tensors
+        self.workload.warm_up(batch_size)
+        self.backend.clear_cache()
+        with self.backend.measure() as idle:
+            pass
+        self.idle_bytes = idle.peak_bytes
+        if idle.peak_bytes is not None and idle.allocated_bytes is not None:
+            self.idle_gap = idle.peak_bytes - idle.allocated_bytes
+
+    def trial(self, batch_size: int) -> Trial:
+        self.backend.clear_cache()
+        error = None
+        try:
+            with self.backend.measure() as window:
+                start = perf_counter()
+                for _ in range(self.steps):
+                    self.workload.step(batch_size)
+                self.backend.synchronize()
+                step_s = (perf_counter() - start) / self.steps
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            error = str(exc)
+            # Keep the error for chaining but not its frames: they pin the failed step's tensors.
+            self.last_oom = exc.with_traceback(None)
+        if error is not None:
+            self._recover()
+            trial = Trial(batch_size, "oom", None, None, None, None, fits_budget=False, error=error)
+        else:
+            peak = window.peak_bytes
+            outcome = "over_limit" if peak is not None and peak > self.limit else "ok"
+            fits = outcome == "ok" and peak is not None and peak <= self.budget
+            trial = Trial(
+                batch_size, outcome, peak, window.allocated_bytes, step_s, batch_size / step_s, fits_budget=fits
+            )
+        self.trials.append(trial)
+        if self.on_trial is not None:
+            self.on_trial(trial)
+        return trial
+
+    def _recover(self) -> None:
+        try:
+            self.workload.recover()
+            self.backend.clear_cache()
+        except Exception as exc:  # an OOM while cleaning up must not replace the trial's outcome
+            if not is_oom_error(exc):
+                raise
+
+    # --- the model of memory ---------------------------------------------------------------------------
+    def peak(self, trial: Trial) -> int | None:
+        """The reading the budget is decided on: the device's own peak (driver memory on MPS)."""
+        return trial.peak_bytes
+
+    def demand(self, trial: Trial) -> int | None:
+        """The reading that predicts an out-of-memory error: live tensors plus the idle gap.
+
+        Near the limit the allocator flushes its cache instead of failing, so peak driver memory
+        flattens there while the tensors' own demand keeps growing; extrapolating to the limit on
+        driver memory overshoots.
+        """
+        if trial.allocated_bytes is None:
+            return trial.peak_bytes
+        return trial.allocated_bytes + self.idle_gap
+
+    def _points(self, reading: Callable[[Trial], int | None]) -> list[tuple[int, int]]:
+        points = ((t.batch_size, reading(t)) for t in self.trials)
+        return sorted((size, value) for size, value in points if value is not None)
+
+    def line_for(self, target: int, reading: Callable[[Trial], int | None] | None = None) -> Line | None:
+        """The line through the measured points nearest ``target``: bracketing it when possible."""
+        points = self._points(reading or self.peak)
+        below = [p for p in points if p[1] <= target]
+        above = [p for p in points if p[1] > target and (not below or p[0] > below[-1][0])]
+        if below and above:
+            return _line(below[-1], above[0])
+        if len(below) >= 2:
+            return _line(below[-2], below[-1])
+        anchor = below or above[:1]
+        if anchor and self.idle_bytes is not None:
+            return _line((0, self.idle_bytes), anchor[-1])
+        return None
+
+    def unreliable(self, trial: Trial) -> str | None:
+        """Why the counters cannot guide the search, or None when they can."""
+        if trial.ok and trial.peak_bytes is None:
+            return f"the step showed no memory signal on {self.backend.name} (its peak read 0)"
+        if trial.ok and len(self._points(self.peak)) >= 2 and self.line_for(self.budget) is None:
+            return "the measured peak did not grow with the batch size"
+        if trial.outcome == "oom":
+            line = self.line_for(self.budget)
+            below = [t for t in self.trials if t.ok and t.batch_size < trial.batch_size]
+            if line is not None and below and line[0] + line[1] * trial.batch_size <= self.budget:
+                predicted = int(line[0] + line[1] * trial.batch_size)
+                return (
+                    f"batch size {trial.batch_size} ran out of memory where the measurements predicted "
+                    f"{predicted / 2**30:.2f} GiB, within the budget"
+                )
+        return None
+
+    # --- choosing the next size (in units of multiple_of) ----------------------------------------------
+    def _bracket(self, fits: Callable[[Trial], bool]) -> tuple[int, int | None]:
+        units = [(t.batch_size // self.m, fits(t)) for t in self.trials]
+        lo = max((u for u, ok in units if ok), default=0)
+        hi = min((u for u, ok in units if not ok and u > lo), default=None)
+        return lo, hi
+
+    def next_toward(
+        self,
+        target: int,
+        fits: Callable[[Trial], bool],
+        reading: Callable[[Trial], int | None],
+        exact: bool,
+    ) -> int | None:
+        lo, hi = self._bracket(fits)
+        if (self.cap is not None and lo >= self.cap) or (hi is not None and hi - lo <= 1):
+            return None
+        line = self.line_for(target, reading)
+        widths = self._widths.setdefault(target, [])
+        if hi is not None and len(widths) >= 2 and hi - lo > widths[-2] / 2:
+            guess = (lo + hi) // 2  # interpolation is creeping: bisect
+        elif line is None:
+            guess = 2 * lo if hi is None else (lo + hi) // 2
+        else:
+            crossing = (target - line[0]) / line[1] / self.m
+            if not exact and lo > 0 and lo >= (1 - _TOLERANCE) * crossing:
+                return None
+            if hi is not None and crossing >= hi:
+                guess = (lo + hi) // 2  # the line contradicts a failure already seen (an OOM has no peak)
+            else:
+                guess = math.floor(crossing if exact else crossing * (1 - _TOLERANCE / 2))
+        guess = max(guess, lo + 1)
+        if lo > 0:
+            guess = min(guess, lo * _MAX_GROWTH)
+        if hi is not None:
+            guess = min(guess, hi - 1)
+            widths.append(hi - lo)
+        if self.cap is not None:
+            guess = min(guess, self.cap)
+        return guess
+
+    def next_measured(self) -> int | None:
+        guess = self.next_toward(self.budget, lambda t: t.fits_budget, self.peak, exact=False)
+        if guess is None and self.find_max:
+            guess = self.next_toward(self.limit, lambda t: t.ok, self.demand, exact=True)
+        return guess
+
+    def next_bisect(self) -> int | None:
+        lo, hi = self._bracket(lambda t: t.ok)
+        if self.cap is not None and lo >= self.cap:
+            return None
+        if hi is None:
+            return min(2 * lo, self.cap) if self.cap is not None else 2 * lo
+        if hi - lo <= 1:
+            return None
+        return (lo + hi) // 2
+
+    # --- the whole search ------------------------------------------------------------------------------
+    def run(self, start: int) -> tuple[str, str]:
+        self.warm_up(min(start, _SMALL_START))
+        strategy, note = "measure", ""
+        units: int | None = start // self.m
+        while units is not None:
+            trial = self.trial(units * self.m)
+            if strategy == "measure":
+                reason = self.unreliable(trial)
+                if reason is not None:
+                    strategy, note = "bisect", f"Fell back to crash-driven bisection: {reason}."
+            units = self.next_measured() if strategy == "measure" else self.next_bisect()
+        return strategy, note
+
+
+def search(
+    workload: Workload,
+    backend: MemoryBackend,
+    limit: MemoryLimit,
+    *,
+    headroom: float = 0.2,
+    requested: int | None = None,
+    max_batch_size: int | None = None,
+    multiple_of: int = 1,
+    steps_per_trial: int = 1,
+    find_max: bool = False,
+    on_trial: Callable[[Trial], None] | None = None,
+) -> ProbeResult:
+    """Find the largest batch size whose measured peak fits ``limit`` minus ``headroom``.
+
+    The backend's session (the cap while probing) must already be open; `find_safe_batch_size` does
+    that and validates the arguments, and is what users call.
+
+    Raises:
+        NoBatchSizeFits: not even ``multiple_of`` samples fit, chained from the last out-of-memory error.
+        Exception: anything the step raises that is not an out-of-memory error, unchanged.
+    """
+    began = perf_counter()
+    state = _Search(
+        workload,
+        backend,
+        limit,
+        headroom=headroom,
+        multiple_of=multiple_of,
+        max_batch_size=max_batch_size,
+        steps_per_trial=steps_per_trial,
+        find_max=find_max,
+        on_trial=on_trial,
+    )
+    strategy, note = state.run(first_batch_size(requested, multiple_of, max_batch_size))
+    trials = tuple(state.trials)
+    verified = [t.batch_size for t in trials if t.ok]
+    if strategy == "measure":
+        recommended = max((t.batch_size for t in trials if t.fits_budget), default=None)
+    else:
+        recommended = (
+            max(multiple_of, int((1 - headroom) * max(verified)) // multiple_of * multiple_of) if verified else None
+        )
+    if recommended is None:
+        smallest = min(trials, key=lambda t: t.batch_size)
+        reason = smallest.error or f"its peak of {smallest.peak_bytes / 2**30:.2f} GiB is over the budget"
+        raise NoBatchSizeFits(
+            f"No batch size fits in {limit.bytes / 2**30:.2f} GiB minus {headroom:.0%} headroom: batch size "
+            f"{smallest.batch_size} failed ({reason.splitlines()[0]}). Use a smaller model or input, less "
+            "headroom, or a larger memory limit.",
+            trials=trials,
+            limit_bytes=limit.bytes,
+        ) from state.last_oom
+    line = state.line_for(state.budget) if strategy == "measure" else None
+    return ProbeResult(
+        batch_size=recommended,
+        max_batch_size=max(verified),
+        device=backend.name,
+        limit_bytes=limit.bytes,
+        limit_source=limit.source,
+        budget_bytes=state.budget,
+        headroom=headroom,
+        fixed_bytes=int(line[0]) if line else None,
+        per_sample_bytes=int(line[1]) if line else None,
+        strategy=strategy,  # type: ignore[arg-type]
+        note=note,
+        steps_per_trial=steps_per_trial,
+        requested=requested,
+        accumulation=plan_accumulation(requested, recommended) if requested is not None else None,
+        trials=trials,
+        elapsed_s=perf_counter() - began,
+    )

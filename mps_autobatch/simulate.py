@@ -1,0 +1,363 @@
+"""A simulated Apple-silicon accelerator: the MPS memory API and its errors, with compute on the CPU.
+
+Every tensor storage the code under `SimulatedMPS.tracking` creates (or touches, for tensors made
+before) is booked as a device buffer by a caching allocator modelled on PyTorch's MPSAllocator
+(aten/src/ATen/mps/MPSAllocator.{h,mm}): sizes are rounded up (small buffers to pages, large ones to
+2 MiB), freed buffers go to a cache and are reused, driver memory = heaps (live + cached) + other
+allocations (Metal, MPSGraph), the limit (ratio x recommended max) is checked against driver memory,
+and the cache is flushed once before the exact MPS out-of-memory RuntimeError is raised. A CUDA-text
+mode raises ``torch.OutOfMemoryError`` instead, for peers that only recognise CUDA errors.
+
+The constants are parameters (`AllocatorModel`): a search that is right here must stay right when
+rounding, caching or other allocations behave differently.
+
+Example:
+    >>> import torch
+    >>> sim = SimulatedMPS(memory_bytes=16 * 2**30)
+    >>> with sim.tracking():
+    ...     x = torch.ones(1024, 1024)          # 4 MiB of tensor
+    >>> sim.current_allocated_memory() // 2**20
+    4
+    >>> del x; sim.current_allocated_memory(), sim.driver_allocated_memory() >= 4 * 2**20  # cached
+    (0, True)
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import psutil
+import torch
+
+from ._tracking import StorageBook
+from ._units import format_bytes, parse_size
+from .devices import (
+    MPS_DEFAULT_HIGH_WATERMARK_RATIO,
+    MPS_MAX_HIGH_WATERMARK_RATIO,
+    MPS_WATERMARK_ENV,
+    MemoryLimit,
+    MPSBackend,
+)
+
+__all__ = ["AllocatorModel", "SimulatedMPS", "SimulatedMPSBackend", "simulated_backend"]
+
+KiB, MiB, GiB = 2**10, 2**20, 2**30
+
+
+@dataclass(frozen=True)
+class AllocatorModel:
+    """The allocator's constants; the defaults are MPSAllocator.h's (kMaxSmallAlloc, kRoundLarge, ...).
+
+    Attributes:
+        page_bytes: small buffers are rounded up to this (the 16 KiB page of Apple silicon).
+        small_max_bytes: the largest "small" buffer.
+        large_round_bytes: large buffers are rounded up to this.
+        reuse_slack_bytes: a cached buffer up to this much larger than a request is reused for it.
+        other_bytes: driver memory outside PyTorch's heaps (Metal, MPSGraph), present from the start.
+        graph_bytes_per_shape: driver memory added per new (op, input shapes) signature, as MPSGraph
+            caches grow with distinct shapes (pytorch/pytorch#132596).
+    """
+
+    page_bytes: int = 16 * KiB
+    small_max_bytes: int = 1 * MiB
+    large_round_bytes: int = 2 * MiB
+    reuse_slack_bytes: int = 32 * MiB
+    other_bytes: int = 64 * MiB
+    graph_bytes_per_shape: int = 0
+
+
+def _round_up(size: int, step: int) -> int:
+    return -(-size // step) * step
+
+
+def _mps_format_size(size: int, units: Literal["GiB", "GB"]) -> str:
+    # MPSHeapAllocatorImpl::format_size: two decimals; GiB/MiB/KiB from torch 2.8, GB/MB/KB before.
+    suffix = {"GiB": ("KiB", "MiB", "GiB"), "GB": ("KB", "MB", "GB")}[units]
+    if size <= 1024:
+        return f"{size} bytes"
+    if size <= 1024**2:
+        return f"{size / 1024:.2f} {suffix[0]}"
+    if size <= 1024**3:
+        return f"{size / 1024**2:.2f} {suffix[1]}"
+    return f"{size / 1024**3:.2f} {suffix[2]}"
+
+
+class _Accelerator:
+    """Stands in for ``torch.accelerator`` on a Mac: peak statistics exist from torch 2.13 only."""
+
+    def __init__(self, sim: SimulatedMPS) -> None:
+        self._sim = sim
+
+    def is_available(self) -> bool:
+        return True
+
+    def current_accelerator(self, check_available: bool = False) -> torch.device:
+        return torch.device("mps")
+
+    def _check(self) -> None:
+        if not self._sim.peak_stats:
+            raise RuntimeError("Allocator for mps is not a DeviceAllocator")
+
+    def memory_allocated(self, device_index: object = None, /) -> int:
+        self._check()
+        return self._sim.current_allocated_memory()
+
+    def max_memory_allocated(self, device_index: object = None, /) -> int:
+        self._check()
+        return self._sim._peak_live
+
+    def reset_peak_memory_stats(self, device_index: object = None, /) -> None:
+        self._check()
+        self._sim._peak_live = self._sim._live
+
+
+class _Buffer:
+    __slots__ = ("size",)
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+
+class SimulatedMPS:
+    """A Mac's GPU memory, simulated: use it where the code would use ``torch.mps``.
+
+    Args:
+        memory_bytes: the Mac's unified memory.
+        recommended_max_bytes: Metal's recommendedMaxWorkingSetSize; by default 2/3 of memory up to
+            32 GiB and 3/4 above (REFERENCE.md B).
+        system_used_bytes: RAM used by everything else on the Mac (default a quarter of it).
+        allocator: the allocator's constants.
+        error_style: "mps" raises the MPS RuntimeError text; "cuda" raises ``torch.OutOfMemoryError``
+            with the CUDA text.
+        peak_stats: whether ``torch.accelerator`` peak statistics work (torch >= 2.13).
+        units: "GiB" for the error texts of torch >= 2.8, "GB" for older ones.
+    """
+
+    def __init__(
+        self,
+        memory_bytes: int = 16 * GiB,
+        *,
+        recommended_max_bytes: int | None = None,
+        system_used_bytes: int | None = None,
+        allocator: AllocatorModel = AllocatorModel(),
+        error_style: Literal["mps", "cuda"] = "mps",
+        peak_stats: bool = True,
+        units: Literal["GiB", "GB"] = "GiB",
+    ) -> None:
+        share = 2 / 3 if memory_bytes <= 32 * GiB else 3 / 4
+        self.memory_bytes = memory_bytes
+        self.recommended_max_bytes = recommended_max_bytes or int(memory_bytes * share)
+        self.system_used_bytes = memory_bytes // 4 if system_used_bytes is None else system_used_bytes
+        self.allocator = allocator
+        self.error_style = error_style
+        self.peak_stats = peak_stats
+        self.units = units
+        self.accelerator = _Accelerator(self)
+        # Like the real allocator, the environment is read once (at its first use in torch; here, now);
+        # strtod reads an unparsable value as 0.0, which disables the limit.
+        raw = os.environ.get(MPS_WATERMARK_ENV)
+        self._ratio = MPS_DEFAULT_HIGH_WATERMARK_RATIO if raw is None else _strtod(raw)
+        self._live = 0
+        self._peak_live = 0
+        self._heaps = 0
+        self._graph_bytes = 0
+        self._cache: list[tuple[int, int, _Buffer]] = []  # sorted (size, id, buffer)
+        self._shapes: set[tuple[object, ...]] = set()
+        self._book: StorageBook | None = None
+        self.oom_count = 0
+
+    # --- the torch.mps API ---------------------------------------------------------------------------
+    def current_allocated_memory(self) -> int:
+        """Bytes of live buffers (rounded), like ``torch.mps.current_allocated_memory``."""
+        return self._live
+
+    def driver_allocated_memory(self) -> int:
+        """Heaps (live and cached buffers) plus other allocations, like ``torch.mps.driver_allocated_memory``."""
+        return self._heaps + self.allocator.other_bytes + self._graph_bytes
+
+    def recommended_max_memory(self) -> int:
+        return self.recommended_max_bytes
+
+    def set_per_process_memory_fraction(self, fraction: float) -> None:
+        # The checks and texts of torch/mps/__init__.py.
+        if not isinstance(fraction, float):
+            raise TypeError("Invalid type for fraction argument, must be `float`")
+        if fraction < 0 or fraction > 2:
+            raise ValueError(f"Invalid fraction value: {fraction}. Allowed range: 0~2")
+        self._ratio = fraction
+
+    def empty_cache(self) -> None:
+        self._heaps -= sum(size for size, _, _ in self._cache)
+        self._cache.clear()
+
+    def synchronize(self) -> None:
+        """Compute is synchronous on the CPU: nothing to wait for."""
+
+    def is_available(self) -> bool:
+        return True
+
+    # --- what a test or benchmark reads ----------------------------------------------------------------
+    @property
+    def ratio(self) -> float:
+        """The high-watermark ratio now in force (torch offers no getter; tests need one)."""
+        return self._ratio
+
+    @property
+    def limit_bytes(self) -> int | None:
+        """The driver-memory limit now in force, None when disabled (ratio 0.0)."""
+        return int(self._ratio * self.recommended_max_bytes) if self._ratio > 0 else None
+
+    def host_memory(self) -> tuple[int, int]:
+        """(total, available) RAM of the simulated Mac, with this process's driver memory in use."""
+        used = self.system_used_bytes + self.driver_allocated_memory()
+        return self.memory_bytes, max(self.memory_bytes - used, 0)
+
+    @contextmanager
+    def tracking(self) -> Iterator[SimulatedMPS]:
+        """Book the tensors the block creates or touches as buffers on this device."""
+        if self._book is not None:
+            yield self
+            return
+        self._book = _GraphAwareBook(self)
+        try:
+            with self._book:
+                yield self
+        finally:
+            self._book = None
+
+    # --- the allocator ---------------------------------------------------------------------------------
+    def _size_class(self, nbytes: int) -> int:
+        model = self.allocator
+        if nbytes <= model.small_max_bytes:
+            return _round_up(max(nbytes, 1), model.page_bytes)
+        return _round_up(nbytes, model.large_round_bytes)
+
+    def _over_limit(self, size: int) -> bool:
+        limit = self.limit_bytes
+        return limit is not None and self.driver_allocated_memory() + size > limit
+
+    def _allocate(self, nbytes: int) -> _Buffer:
+        size = self._size_class(nbytes)
+        buffer = None if self._over_limit(size) else self._reuse(size)
+        if buffer is None:
+            if self._over_limit(size) or self.driver_allocated_memory() + size > self.memory_bytes:
+                self.empty_cache()  # MPSAllocator releases its cached buffers once before failing
+            if self._over_limit(size) or self.driver_allocated_memory() + size > self.memory_bytes:
+                self.oom_count += 1
+                raise self._out_of_memory(size, nbytes)
+            buffer = _Buffer(size)
+            self._heaps += size
+        self._live += buffer.size
+        self._peak_live = max(self._peak_live, self._live)
+        return buffer
+
+    def _reuse(self, size: int) -> _Buffer | None:
+        index = bisect.bisect_left(self._cache, (size, -1))
+        if index < len(self._cache) and self._cache[index][0] <= size + self.allocator.reuse_slack_bytes:
+            return self._cache.pop(index)[2]
+        return None
+
+    def _release(self, buffer: object) -> None:
+        assert isinstance(buffer, _Buffer)
+        self._live -= buffer.size
+        bisect.insort(self._cache, (buffer.size, id(buffer), buffer))
+
+    def _see_op(self, func: object, args: tuple[object, ...]) -> None:
+        if not self.allocator.graph_bytes_per_shape:
+            return
+        key = (func, *(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+        if key not in self._shapes:
+            self._shapes.add(key)
+            self._graph_bytes += self.allocator.graph_bytes_per_shape
+
+    def _out_of_memory(self, size: int, nbytes: int) -> Exception:
+        fmt = lambda n: _mps_format_size(n, self.units)  # noqa: E731
+        pool = "shared" if nbytes <= 8 else "private"
+        heaps, driver = self._heaps, self.driver_allocated_memory()
+        if self.error_style == "cuda":
+            free = max(self.memory_bytes - driver, 0)
+            return torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {fmt(size)}. GPU 0 has a total capacity of "
+                f"{fmt(self.limit_bytes or self.memory_bytes)} of which {fmt(free)} is free. Including "
+                f"non-PyTorch memory, this process has {fmt(driver)} memory in use. Of the allocated memory "
+                f"{fmt(self._live)} is allocated by PyTorch, and {fmt(heaps - self._live)} is reserved by "
+                "PyTorch but unallocated."
+            )
+        if self.limit_bytes is None:
+            return RuntimeError(
+                f"MPS backend out of memory (MPS allocated: {fmt(heaps)}, other allocations: "
+                f"{fmt(driver - heaps)}). Tried to allocate {fmt(size)} on {pool} pool."
+            )
+        return RuntimeError(
+            f"MPS backend out of memory (MPS allocated: {fmt(heaps)}, other allocations: {fmt(driver - heaps)}, "
+            f"max allowed: {fmt(self.limit_bytes)}). Tried to allocate {fmt(size)} on {pool} pool. Use "
+            "PYTORCH_MPS_HIGH_WATERMARK_RATIO=0.0 to disable upper limit for memory allocations (may cause "
+            "system failure)."
+        )
+
+
+def _strtod(raw: str) -> float:
+    match = re.match(r"\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", raw)
+    return float(match.group(0)) if match else 0.0
+
+
+class _GraphAwareBook(StorageBook):
+    def __init__(self, sim: SimulatedMPS) -> None:
+        super().__init__(sim._allocate, sim._release, adopt_inputs=True)
+        self._sim = sim
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self._sim._see_op(func, args)
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+
+class SimulatedMPSBackend(MPSBackend):
+    """The MPS backend reading a `SimulatedMPS`: what tests, benchmarks and ``--simulate`` probe.
+
+    Compute is real, so the simulated limit must fit in this machine's available RAM.
+    """
+
+    def __init__(self, sim: SimulatedMPS) -> None:
+        super().__init__(sim, sim.accelerator, device="cpu", host_memory=sim.host_memory, name="sim-mps")
+        self.sim = sim
+
+    def limit(self, memory_limit: int | None = None) -> MemoryLimit:
+        limit = super().limit(memory_limit)
+        available = psutil.virtual_memory().available
+        if limit.bytes > available:
+            raise ValueError(
+                f"The simulated limit {format_bytes(limit.bytes)} is more than this machine's "
+                f"{format_bytes(available)} of available RAM, and simulated compute is real. "
+                "Simulate a smaller Mac or pass a smaller memory limit."
+            )
+        return limit
+
+    @contextmanager
+    def session(self, limit_bytes: int) -> Iterator[None]:
+        with self.sim.tracking(), super().session(limit_bytes):
+            yield
+
+
+_SPEC = re.compile(r"^(mps|mps-cuda-text):(.+)$")
+
+
+def simulated_backend(spec: str) -> SimulatedMPSBackend:
+    """A simulated Mac from a spec such as ``"mps:16GiB"`` (``"mps-cuda-text:16GiB"`` raises CUDA texts).
+
+    Example:
+        >>> backend = simulated_backend("mps:16GiB")
+        >>> round(backend.sim.recommended_max_memory() / 2**30, 2)   # 2/3 of a 16 GiB Mac
+        10.67
+    """
+    match = _SPEC.match(spec.strip())
+    if match is None:
+        raise ValueError(f"Cannot read the simulation {spec!r}. Write it as 'mps:16GiB' (a Mac with 16 GiB).")
+    style: Literal["mps", "cuda"] = "cuda" if match.group(1) == "mps-cuda-text" else "mps"
+    return SimulatedMPSBackend(SimulatedMPS(parse_size(match.group(2)), error_style=style))

@@ -1,0 +1,122 @@
+"""The fake-tensor estimate against a real CPU step, its growth with batch and image size, its errors."""
+
+import re
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from mps_autobatch._tracking import StorageBook
+from mps_autobatch.estimate import Estimate, estimate_grid, estimate_peak
+from mps_autobatch.workload import make_workload
+
+MB = 10**6
+
+
+def _measured_peak(
+    model: nn.Module, *, input_shape: tuple[int, ...], batch_size: int, num_classes: int
+) -> int:
+    """Live tensor bytes at the peak of the second real training step (the first creates AdamW's state)."""
+    live = peak = 0
+
+    def on_alloc(nbytes: int) -> int:
+        nonlocal live, peak
+        live += nbytes
+        peak = max(peak, live)
+        return nbytes
+
+    def on_free(nbytes: object) -> None:
+        nonlocal live
+        live -= nbytes  # type: ignore[operator]
+
+    workload = make_workload(
+        model, device=torch.device("cpu"), input_shape=input_shape, num_classes=num_classes, optimizer="adamw"
+    )
+    with workload, StorageBook(on_alloc, on_free, adopt_inputs=True):
+        workload.step(batch_size)
+        peak = live
+        workload.step(batch_size)
+    return peak
+
+
+def _resnet18() -> nn.Module:
+    return timm.create_model("resnet18", num_classes=10, pretrained=False)
+
+
+def test_estimate_matches_the_measured_peak_of_a_real_step() -> None:
+    torch.manual_seed(0)
+    model = _resnet18()
+    shape, batch_size = (3, 96, 96), 64
+    measured = _measured_peak(model, input_shape=shape, batch_size=batch_size, num_classes=10)
+    from_factory = estimate_peak(_resnet18, input_shape=shape, batch_size=batch_size, num_classes=10)
+    from_instance = estimate_peak(model, input_shape=shape, batch_size=batch_size, num_classes=10)
+    estimated = from_factory.peak_bytes
+    print(f"resnet18 {shape} batch {batch_size}: measured {measured} B, estimated {estimated} B")
+    assert measured >= 200 * MB
+    assert from_instance == from_factory == Estimate(batch_size, shape, estimated)
+    assert abs(estimated - measured) / measured < 0.10
+
+
+def test_estimate_leaves_the_callers_model_and_rng_alone() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    estimate_peak(model, input_shape=(3, 8, 8), batch_size=4, num_classes=5, optimizer="sgd", amp="bf16")
+    assert not model.training
+    assert all(param.grad is None for param in model.parameters())
+    assert all(not isinstance(value, torch._subclasses.FakeTensor) for value in model.state_dict().values())
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+    assert torch.equal(rng, torch.random.get_rng_state())
+
+
+def test_estimates_grow_with_batch_and_image_size() -> None:
+    grid = estimate_grid(
+        lambda: timm.create_model("test_efficientnet", num_classes=10, pretrained=False),
+        input_shapes=[(3, 224, 224), (3, 1024, 1024)],
+        batch_sizes=[2, 4],
+        num_classes=10,
+    )
+    assert [(e.input_shape[-1], e.batch_size) for e in grid] == [(224, 2), (224, 4), (1024, 2), (1024, 4)]
+    small_2, small_4, large_2, large_4 = (e.peak_bytes for e in grid)
+    assert small_2 < small_4
+    assert large_2 < large_4
+    assert large_2 > 10 * small_2
+    assert large_4 > 10 * small_4
+
+
+def _tiny() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # sizes
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0. Pass a positive batch_size."),
+        ({"batch_size": -3}, "batch_size must be >= 1, got -3. Pass a positive batch_size."),
+        (
+            {"input_shape": ()},
+            "input_shape must be the positive sizes of one sample, got (). "
+            "Pass e.g. input_shape=(3, 224, 224).",
+        ),
+        (
+            {"input_shape": (3, 0, 2)},
+            "input_shape must be the positive sizes of one sample, got (3, 0, 2). "
+            "Pass e.g. input_shape=(3, 224, 224).",
+        ),
+        ({"num_classes": 0}, "num_classes must be >= 1, got 0. Pass the classifier's output size."),
+        # names
+        ({"optimizer": "lamb"}, "Unknown optimizer 'lamb'. Use one of: adamw, adam, sgd."),
+        ({"amp": "fp8"}, "Unknown amp 'fp8'. Use None, 'bf16' or 'fp16'."),
+    ],
+)
+def test_bad_arguments_raise_one_line_value_errors(kwargs: dict, message: str) -> None:
+    args = {"input_shape": (3, 2, 2), "batch_size": 2, "num_classes": 4, **kwargs}
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        estimate_peak(_tiny, **args)
+
+
+def test_grid_checks_every_batch_size() -> None:
+    with pytest.raises(ValueError, match=re.escape("batch_size must be >= 1, got 0.")):
+        estimate_grid(_tiny, input_shapes=[(3, 2, 2)], batch_sizes=[4, 0], num_classes=4)

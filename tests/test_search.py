@@ -1,0 +1,139 @@
+"""The search against step functions that fail the way devices do (CPU backend, exact texts)."""
+
+import pytest
+import torch
+from oom_texts import RUNTIME_OOM_TEXTS
+
+from mps_autobatch import NoBatchSizeFits, find_safe_batch_size, plan_accumulation
+from mps_autobatch.accumulation import micro_batch_sizes
+from mps_autobatch.search import first_batch_size
+
+
+class FailsAbove:
+    """A step that runs up to `largest` and raises `error` above it, recording every size it is asked for."""
+
+    def __init__(self, largest, error):
+        self.largest = largest
+        self.error = error
+        self.sizes = []
+
+    def __call__(self, batch_size):
+        self.sizes.append(batch_size)
+        if batch_size > self.largest:
+            raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RuntimeError(text) for text in RUNTIME_OOM_TEXTS] + [torch.OutOfMemoryError(), MemoryError()],
+    ids=lambda e: (str(e) or type(e).__name__)[:30],
+)
+def test_a_step_failing_above_n_gives_max_batch_size_n(error):
+    step = FailsAbove(37, error)
+    result = find_safe_batch_size(step, device="cpu", memory_limit="1GiB")
+    assert result.max_batch_size == 37
+    # A step that allocates nothing gives the counters nothing to go on: crash-driven bisection.
+    assert result.strategy == "bisect"
+    assert "did not grow" in result.note
+    assert result.batch_size == int(0.8 * 37)
+    assert step.sizes == [2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
+    assert [t.outcome for t in result.trials] == ["ok"] * 5 + ["oom"] * 3 + ["ok", "oom", "ok"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        ValueError("bad shape"),
+        RuntimeError(),
+        RuntimeError("Expected all tensors to be on the same device"),
+    ],
+)
+def test_non_oom_errors_propagate_as_the_same_object_after_one_call(error):
+    step = FailsAbove(0, error)
+    with pytest.raises(type(error)) as raised:
+        find_safe_batch_size(step, device="cpu", memory_limit="1GiB")
+    assert raised.value is error
+    assert step.sizes == [2]
+
+
+@pytest.mark.parametrize(
+    ("requested", "multiple_of", "first"),
+    [
+        (32, 1, 25),  # the 20%-reduction rule: 32 x 0.8 = 25.6
+        (32, 8, 24),  # rounded down to the multiple
+        (1, 1, 1),  # never 0
+        (3, 4, 4),  # never below multiple_of
+        (None, 1, 2),  # no request: start small
+        (None, 8, 8),
+    ],
+)
+def test_first_trial_follows_the_reduction_rule(requested, multiple_of, first):
+    assert first_batch_size(requested, multiple_of) == first
+    step = FailsAbove(1000, RuntimeError(RUNTIME_OOM_TEXTS[0]))
+    find_safe_batch_size(step, device="cpu", memory_limit="1GiB", requested=requested, multiple_of=multiple_of,
+                         max_batch_size=64)
+    assert step.sizes[0] == first
+    assert all(size % multiple_of == 0 and size > 0 for size in step.sizes)
+
+
+def test_requested_one_never_probes_zero():
+    step = FailsAbove(0, RuntimeError(RUNTIME_OOM_TEXTS[0]))
+    with pytest.raises(NoBatchSizeFits, match=r"batch size 1 failed \(MPS backend out of memory") as raised:
+        find_safe_batch_size(step, device="cpu", memory_limit="1GiB", requested=1)
+    assert step.sizes == [1]
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    assert [t.outcome for t in raised.value.trials] == ["oom"]
+
+
+def test_max_batch_size_caps_every_trial():
+    step = FailsAbove(10_000, RuntimeError(RUNTIME_OOM_TEXTS[0]))
+    result = find_safe_batch_size(step, device="cpu", memory_limit="1GiB", max_batch_size=50)
+    assert max(step.sizes) == 50
+    assert result.max_batch_size == 50
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"requested": 0}, "requested must be >= 1, got 0."),
+        ({"requested": -4}, "requested must be >= 1, got -4."),
+        ({"headroom": 1.0}, "headroom must be a fraction in [0, 1), got 1.0."),
+        ({"headroom": -0.1}, "headroom must be a fraction in [0, 1), got -0.1."),
+        ({"multiple_of": 0}, "multiple_of must be >= 1, got 0."),
+        ({"max_batch_size": 0}, "max_batch_size must be >= 1, got 0."),
+        ({"max_batch_size": 4, "multiple_of": 8}, "max_batch_size 4 is below multiple_of 8"),
+        ({"steps_per_trial": 0}, "steps_per_trial must be >= 1, got 0."),
+        ({"amp": "fp8"}, "Unknown amp 'fp8'. Use None, 'bf16' or 'fp16'."),
+        ({"memory_limit": "lots"}, "Cannot read the memory size 'lots'."),
+        ({"memory_limit": "1000TiB"}, "is more than this machine's"),
+        ({"device": "tpu"}, "Unknown device 'tpu'. Use one of: auto, mps, cuda, cuda:N, cpu."),
+    ],
+)
+def test_bad_arguments_fail_before_any_trial(kwargs, message):
+    step = FailsAbove(100, RuntimeError(RUNTIME_OOM_TEXTS[0]))
+    with pytest.raises(ValueError) as raised:
+        find_safe_batch_size(step, **kwargs)
+    assert message in str(raised.value)
+    assert step.sizes == []
+
+
+@pytest.mark.parametrize(
+    ("requested", "safe", "plan", "sizes"),
+    [
+        (32, 24, (16, 2), [16, 16]),
+        (50, 24, (17, 3), [17, 17, 16]),  # an uneven last micro-batch
+        (16, 24, (16, 1), [16]),
+        (7, 1, (1, 7), [1] * 7),
+    ],
+)
+def test_plan_accumulation_reproduces_the_requested_batch_exactly(requested, safe, plan, sizes):
+    assert plan_accumulation(requested, safe) == plan
+    assert micro_batch_sizes(requested, plan[0]) == sizes
+    assert sum(sizes) == requested and max(sizes) <= safe
+
+
+def test_requested_gives_the_accumulation_plan():
+    step = FailsAbove(30, RuntimeError(RUNTIME_OOM_TEXTS[0]))
+    result = find_safe_batch_size(step, device="cpu", memory_limit="1GiB", requested=64)
+    assert result.batch_size == 24  # 0.8 x 30 in crash-driven mode
+    assert result.accumulation == (22, 3)  # 22 + 22 + 20 = 64
