@@ -10,6 +10,7 @@ from .accumulation import plan_accumulation as plan_accumulation
 from .errors import AutobatchError as AutobatchError
 from .errors import AutobatchWarning as AutobatchWarning
 from .errors import NoBatchSizeFits as NoBatchSizeFits
+from .isolate import find_safe_batch_size_isolated as find_safe_batch_size_isolated
 from .oom import is_oom_error as is_oom_error
 from .probe import find_safe_batch_size as find_safe_batch_size
 from .results import ProbeResult as ProbeResult
@@ -24,6 +25,7 @@ __all__ = [
     "ProbeResult",
     "Trial",
     "find_safe_batch_size",
+    "find_safe_batch_size_isolated",
     "is_oom_error",
     "plan_accumulation",
 ]

@@ -53,7 +53,7 @@ class StorageBook(TorchDispatchMode):
         self._adopt_inputs = adopt_inputs
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         for storage in _storages((args, kwargs)):
             if storage not in self._seen:

@@ -34,9 +34,7 @@ def plan_accumulation(requested: int, safe: int) -> tuple[int, int]:
         (16, 1)
     """
     if requested < 1 or safe < 1:
-        raise ValueError(
-            f"Batch sizes must be >= 1, got requested={requested}, safe={safe}. Pass positive sizes."
-        )
+        raise ValueError(f"Batch sizes must be >= 1, got requested={requested}, safe={safe}. Pass positive sizes.")
     steps = math.ceil(requested / safe)
     micro = math.ceil(requested / steps)
     return micro, steps

@@ -116,6 +116,7 @@ def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
     fields["trials"] = tuple(Trial(**trial) for trial in data["trials"])
     accumulation = data["accumulation"]
     fields["accumulation"] = None if accumulation is None else (int(accumulation[0]), int(accumulation[1]))
+    fields["throughput"] = tuple((int(size), float(rate)) for size, rate in data.get("throughput", ()))
     return ProbeResult(**fields)
 
 

@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import os
-import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ._units import parse_size
-from .devices import MemoryBackend
-from .errors import AutobatchError, NoBatchSizeFits
-from .results import Trial
+from .devices import MemoryBackend, get_backend
+from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits
+from .results import ProbeResult, Trial
 
 __all__ = ["app"]
 
@@ -31,7 +33,9 @@ err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="A timm model name, e.g. efficientnet_b0 or resnet50.")]
 ImageSizeOpt = Annotated[int, typer.Option("--image-size", help="Input height and width in pixels.")]
-DeviceOpt = Annotated[str, typer.Option("--device", "-d", help="auto (MPS, then CUDA, then CPU), mps, cuda, cuda:N or cpu.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", "-d", help="auto (MPS, then CUDA, then CPU), mps, cuda, cuda:N or cpu.")
+]
 SimulateOpt = Annotated[
     str | None,
     typer.Option(
@@ -52,12 +56,13 @@ _ERRORS: tuple[tuple[type[BaseException], int], ...] = (
     (AutobatchError, 1),
     (ValueError, 2),
     (TypeError, 2),
+    (FileNotFoundError, 2),
     (ImportError, 1),
 )
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    err.print(f"[red]Error:[/red] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[red]Error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -75,15 +80,31 @@ def _reported() -> Iterator[None]:
         raise
 
 
-def _create_model(name: str, num_classes: int) -> Any:
+def _suggest_model(name: str, names: list[str]) -> str | None:
+    """The model name a typo most likely meant: common slips first (0/o, 1/l, -/_, case), then difflib."""
+    slips = name.lower().replace("-", "_")
+    for candidate in (slips, slips.replace("o", "0"), slips.replace("l", "1")):
+        if candidate in names:
+            return candidate
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _check_model(name: str) -> None:
     import timm
 
     if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = _suggest_model(name, timm.list_models())
+        hint = f" Did you mean {close!r}?" if close else ""
         raise _BadInput(
             f"Unknown timm model {name!r}.{hint} List names with timm.list_models('{name.split('_')[0]}*')."
         )
+
+
+def _create_model(name: str, num_classes: int) -> Any:
+    import timm
+
+    _check_model(name)
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 
@@ -115,7 +136,7 @@ def info(device: DeviceOpt = "auto", simulate: SimulateOpt = None) -> None:
     import torch
 
     from ._units import format_bytes
-    from .devices import MPSBackend, get_backend
+    from .devices import MPSBackend
 
     with _reported():
         backend = get_backend(_backend(device, simulate))
@@ -135,11 +156,64 @@ def info(device: DeviceOpt = "auto", simulate: SimulateOpt = None) -> None:
         typer.echo(f"{name:>16}: {value}")
 
 
+def _cache_key(backend: MemoryBackend, settings: dict[str, Any]) -> dict[str, Any]:
+    import timm
+    import torch
+
+    from . import __version__
+
+    versions = {"torch": torch.__version__, "timm": timm.__version__, "mps_autobatch": __version__}
+    return {**settings, "device": backend.identity(), "versions": versions}
+
+
+def _probe_or_cached(
+    model: str,
+    backend: MemoryBackend,
+    settings: dict[str, Any],
+    *,
+    use_cache: bool,
+    quiet: bool,
+    isolate: bool,
+    trial_timeout_s: float,
+) -> tuple[ProbeResult, bool]:
+    """Reuse a cached answer when one was found under a limit no larger than today's; else probe and store."""
+    from . import cache
+    from .probe import find_safe_batch_size
+
+    limit = backend.limit(settings["memory_limit"])
+    # The limit is not part of the key: an answer found under a limit no larger than today's still fits,
+    # so a default limit that drifts with free memory keeps hitting.
+    key = _cache_key(backend, {"model": model, **{k: v for k, v in settings.items() if k != "memory_limit"}})
+    if use_cache:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", AutobatchWarning)
+            hit = cache.load(key, limit.bytes)
+        for warning in caught:
+            err.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+        if hit is not None:
+            return hit, True
+    on_trial, status = _progress(not quiet and err.is_terminal)
+    with status if status is not None else nullcontext():
+        if isolate:
+            from .isolate import find_safe_batch_size_isolated
+
+            factory = functools.partial(_create_model, model, settings["num_classes"])
+            result = find_safe_batch_size_isolated(
+                factory, trial_timeout_s=trial_timeout_s, device=backend, on_trial=on_trial, **settings
+            )
+        else:
+            net = _create_model(model, settings["num_classes"])
+            result = find_safe_batch_size(net, device=backend, on_trial=on_trial, **settings)
+    if use_cache:
+        cache.store(key, result)
+    return result, False
+
+
 @app.command(
     epilog=(
         "Examples:\n\n"
         "  autobatch probe\n\n"
-        "  autobatch probe --model resnet50 --image-size 224 --requested 32\n\n"
+        "  autobatch probe --model resnet50 --image-size 224 --requested 32 --plot mem.png\n\n"
         "  autobatch probe --model test_efficientnet --image-size 64 --device cpu --memory-limit 2GiB\n\n"
         "  autobatch probe --simulate mps:16GiB --json > result.json"
     )
@@ -148,10 +222,11 @@ def probe(
     model: ModelOpt = "efficientnet_b0",
     image_size: ImageSizeOpt = 224,
     num_classes: Annotated[int, typer.Option(help="Classes of the model's head.")] = 1000,
+    channels: Annotated[int, typer.Option(help="Input channels.")] = 3,
     device: DeviceOpt = "auto",
     simulate: SimulateOpt = None,
     memory_limit: Annotated[
-        str | None, typer.Option(help="Hold the probe to this much memory, e.g. 8GiB or 512MB (default: the device's limit).")
+        str | None, typer.Option(help="Hold the probe to this much memory, e.g. 8GiB or 512MB (default: the device's).")
     ] = None,
     headroom: Annotated[float, typer.Option(help="Fraction of the limit to keep free.")] = 0.2,
     requested: Annotated[
@@ -164,57 +239,193 @@ def probe(
     channels_last: Annotated[bool, typer.Option(help="Use the channels-last memory format.")] = False,
     steps_per_trial: Annotated[int, typer.Option(help="Training steps per probe.")] = 1,
     find_max: Annotated[bool, typer.Option(help="Also find the exact largest size that runs at all.")] = False,
+    objective: Annotated[
+        str, typer.Option(help="memory: the largest size that fits; throughput: the knee of samples/s.")
+    ] = "memory",
+    plot: Annotated[str | None, typer.Option(help="Write a PNG of peak memory against batch size.")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Probe even if a cached answer exists.")] = False,
+    isolate: Annotated[
+        bool | None,
+        typer.Option(
+            "--isolate/--no-isolate",
+            help="Probe in a child process, so a Metal abort or a hang marks that size too big instead of killing "
+            "this shell (default: on for a real MPS device only).",
+        ),
+    ] = None,
+    trial_timeout: Annotated[
+        float, typer.Option(help="With --isolate: seconds a single trial may take before its size counts as too big.")
+    ] = 600.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print only the result as JSON on stdout.")] = False,
 ) -> None:
     """Probe real training steps of a timm model and recommend the largest batch size that fits.
 
     Runs forward, backward and optimizer steps at a few batch sizes, reads the device's memory
     counters against its limit, and prints every trial with the recommended size. The size alone goes
-    to stdout (or the whole result with --json), the table to stderr.
+    to stdout (or the whole result with --json), the table to stderr. Answers are cached: the same probe
+    on the same machine returns at once (--no-cache to probe again).
     """
     with _reported():
         if image_size < 8:
             raise _BadInput(f"--image-size must be >= 8 pixels, got {image_size}. Pass e.g. --image-size 224.")
-        if num_classes < 1:
-            raise _BadInput(f"--num-classes must be >= 1, got {num_classes}.")
-        limit = parse_size(memory_limit) if memory_limit is not None else None
-        backend = _backend(device, simulate)
-        net = _create_model(model, num_classes)
-        from .probe import find_safe_batch_size
+        for name, value in (("--num-classes", num_classes), ("--channels", channels)):
+            if value < 1:
+                raise _BadInput(f"{name} must be >= 1, got {value}.")
+        if plot is not None and not plot.lower().endswith(".png"):
+            raise _BadInput(f"--plot writes a PNG file; got {plot!r}. Pass e.g. --plot mem.png.")
+        backend = get_backend(_backend(device, simulate))
+        settings: dict[str, Any] = {
+            "input_shape": (channels, image_size, image_size),
+            "num_classes": num_classes,
+            "optimizer": optimizer,
+            "amp": amp,
+            "channels_last": channels_last,
+            "memory_limit": parse_size(memory_limit) if memory_limit is not None else None,
+            "headroom": headroom,
+            "requested": requested,
+            "max_batch_size": max_batch_size,
+            "multiple_of": multiple_of,
+            "steps_per_trial": steps_per_trial,
+            "find_max": find_max,
+            "objective": objective,
+        }
+        _check_model(model)
+        if trial_timeout <= 0:
+            raise _BadInput(f"--trial-timeout must be positive seconds, got {trial_timeout}.")
+        result, cached = _probe_or_cached(
+            model,
+            backend,
+            settings,
+            use_cache=not no_cache,
+            quiet=as_json,
+            isolate=isolate if isolate is not None else backend.name == "mps",
+            trial_timeout_s=trial_timeout,
+        )
+        if plot is not None:
+            from .report import plot as draw
 
-        on_trial, status = _progress(not as_json and err.is_terminal)
-        with status if status is not None else nullcontext():
-            result = find_safe_batch_size(
-                net,
-                input_shape=(3, image_size, image_size),
-                num_classes=num_classes,
-                optimizer=optimizer,
-                amp=amp,  # type: ignore[arg-type]
-                channels_last=channels_last,
-                device=backend,
-                memory_limit=limit,
-                headroom=headroom,
-                requested=requested,
-                max_batch_size=max_batch_size,
-                multiple_of=multiple_of,
-                steps_per_trial=steps_per_trial,
-                find_max=find_max,
-                on_trial=on_trial,
-            )
+            draw(result, plot)
     if as_json:
-        typer.echo(json.dumps({"model": model, "image_size": image_size, **result.to_dict()}, indent=2))
+        typer.echo(
+            json.dumps({"model": model, "image_size": image_size, "cached": cached, **result.to_dict()}, indent=2)
+        )
         return
     from .report import summary_lines, trials_table
 
+    if cached:
+        err.print("[dim]From the cache (run with --no-cache to probe again).[/dim]")
     err.print(trials_table(result))
     for line in summary_lines(result):
-        err.print(line, highlight=False)
+        err.print(line, highlight=False, markup=False)
+    if plot is not None:
+        err.print(f"Plot written to {plot}", highlight=False, markup=False)
     typer.echo(result.batch_size)
 
 
-def main() -> None:  # pragma: no cover - the console script calls `app`
+cache_app = typer.Typer(help="The on-disk cache of probe answers.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Delete every cached probe answer."""
+    from . import cache
+
+    removed = cache.clear()
+    err.print(f"Removed {removed} cached answer(s) from {cache.cache_dir()}", highlight=False, markup=False)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  autobatch estimate --image-size 224 --image-size 1024\n\n"
+        "  autobatch estimate --model resnet50 --batch-size 16 --batch-size 64 --calibrate"
+    )
+)
+def estimate(
+    model: ModelOpt = "efficientnet_b0",
+    image_size: Annotated[
+        list[int] | None, typer.Option("--image-size", help="Input sizes to predict, repeatable (default 224).")
+    ] = None,
+    batch_size: Annotated[
+        list[int] | None, typer.Option("--batch-size", help="Batch sizes to predict, repeatable (default 8, 16, 32).")
+    ] = None,
+    num_classes: Annotated[int, typer.Option(help="Classes of the model's head.")] = 1000,
+    optimizer: Annotated[str, typer.Option(help="adamw, adam or sgd.")] = "adamw",
+    amp: Annotated[str | None, typer.Option(help="Mixed precision: bf16 or fp16.")] = None,
+    calibrate: Annotated[
+        bool, typer.Option(help="Run one real small step on the device and scale the predictions to it.")
+    ] = False,
+    device: DeviceOpt = "auto",
+    simulate: SimulateOpt = None,
+) -> None:
+    """Predict the peak memory of a training step without running it (a dry run on fake tensors).
+
+    Traces forward, backward and the optimizer step under FakeTensorMode and counts tensor memory, for
+    every image size and batch size given. Allocator caches and device overheads are not in a dry run:
+    --calibrate measures one real step and reports the factor between the two.
+    """
+    from rich.table import Table
+
+    from ._units import format_bytes
+
+    with _reported():
+        sizes = image_size or [224]
+        batches = batch_size or [8, 16, 32]
+        if min(sizes) < 8:
+            raise _BadInput(f"--image-size must be >= 8 pixels, got {min(sizes)}. Pass e.g. --image-size 224.")
+        _check_model(model)
+        from .estimate import estimate_grid
+
+        factory = functools.partial(_create_model, model, num_classes)
+        estimates = estimate_grid(
+            factory,
+            input_shapes=[(3, s, s) for s in sizes],
+            batch_sizes=batches,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            amp=amp,
+        )
+        factor = None
+        if calibrate:
+            factor = _calibration_factor(factory, estimates[0], _backend(device, simulate), num_classes, optimizer, amp)
+    table = Table(title=f"Predicted peak memory of one {model} training step ({optimizer})")
+    table.add_column("image size", justify="right")
+    table.add_column("batch size", justify="right")
+    table.add_column("tensors", justify="right")
+    if factor is not None:
+        table.add_column(f"calibrated (x{factor:.2f})", justify="right")
+    for item in estimates:
+        row = [str(item.input_shape[-1]), str(item.batch_size), format_bytes(item.peak_bytes)]
+        if factor is not None:
+            row.append(format_bytes(int(item.peak_bytes * factor)))
+        table.add_row(*row)
+    Console().print(table)
+
+
+def _calibration_factor(
+    factory: Callable[[], Any], first: Any, device: str | MemoryBackend, num_classes: int, optimizer: str, amp: Any
+) -> float:
+    """Measured peak of one real step at the first estimate's size, divided by the estimate."""
+    from .workload import make_workload
+
+    backend = get_backend(device)
+    workload = make_workload(
+        factory(),
+        device=backend.device,
+        input_shape=first.input_shape,
+        num_classes=num_classes,
+        optimizer=optimizer,
+        amp=amp,
+    )
+    with workload, backend.session(backend.limit().bytes):
+        workload.warm_up(min(2, first.batch_size))
+        backend.clear_cache()
+        with backend.measure() as window:
+            workload.step(first.batch_size)
+    if window.peak_bytes is None:
+        raise AutobatchError(f"{backend.name} reported no memory for the calibration step; drop --calibrate.")
+    return window.peak_bytes / first.peak_bytes
+
+
+if __name__ == "__main__":  # `python -m mps_autobatch.cli`; the console script calls `app`
     app(prog_name="autobatch")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

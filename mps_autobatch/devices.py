@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import platform
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,10 @@ class MemoryBackend:
         """The limit the whole process's memory on this device is held to."""
         raise NotImplementedError
 
+    def identity(self) -> str:
+        """What distinguishes this device's memory behaviour from another's (for caching answers)."""
+        return self.name
+
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:
         """Hold the process to ``limit_bytes`` while probing, and undo it afterwards."""
@@ -142,7 +147,7 @@ class MPSBackend(MemoryBackend):
         name: str = "mps",
     ) -> None:
         self._mps = mps if mps is not None else torch.mps
-        self._accelerator = accelerator if accelerator is not None else getattr(torch, "accelerator", None)
+        self._accelerator: Any = accelerator if accelerator is not None else getattr(torch, "accelerator", None)
         self._host_memory = host_memory
         self.device = torch.device(device)
         self.name = name
@@ -195,8 +200,7 @@ class MPSBackend(MemoryBackend):
         if allocator <= ram:
             return MemoryLimit(
                 int(allocator),
-                f"{ratio:.2f} ({ratio_source}) x recommended max {format_bytes(recommended)} "
-                f"({recommended_source})",
+                f"{ratio:.2f} ({ratio_source}) x recommended max {format_bytes(recommended)} ({recommended_source})",
             )
         return MemoryLimit(
             ram,
@@ -214,6 +218,11 @@ class MPSBackend(MemoryBackend):
             yield
         finally:
             self._mps.set_per_process_memory_fraction(float(restore_ratio))
+
+    def identity(self) -> str:
+        total, _ = self._host_memory()
+        recommended, _ = self.recommended_max_bytes()
+        return f"{self.name}:{total}:{recommended}"
 
     def _has_peak_stats(self) -> bool:
         # torch >= 2.13 keeps allocator peaks for MPS behind torch.accelerator; earlier versions raise
@@ -288,6 +297,10 @@ class CUDABackend(MemoryBackend):
     def is_available() -> bool:
         return torch.cuda.is_available()
 
+    def identity(self) -> str:
+        properties = torch.cuda.get_device_properties(self._index)
+        return f"cuda:{properties.name}:{properties.total_memory}"
+
     def _fraction(self) -> float:
         read = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         return float(read(self._index)) if read is not None else 1.0
@@ -343,10 +356,11 @@ class CUDABackend(MemoryBackend):
 class CPUBackend(MemoryBackend):
     """The host CPU, where nothing enforces a limit and the resident set is noisy.
 
-    The peak is repeatable by construction: the process's resident memory when probing began (a fixed,
-    measured overhead) plus the peak of live tensor bytes allocated since, counted storage by storage
-    (REFERENCE.md C: three identical steps gave 366, 104 and 64 MB of resident-set growth). The default
-    limit is min(4 GiB, half the available RAM).
+    The peak is the step's live tensor bytes — parameters, gradients, optimizer state, activations —
+    counted storage by storage as ops create them (tensors made before probing count once touched), so
+    identical steps give identical peaks (REFERENCE.md C: the resident set grew 366, 104 and 64 MB in
+    three identical steps). The default limit is min(4 GiB, half the available RAM), which leaves the
+    rest of the machine to the process itself and everything else.
     """
 
     name = "cpu"
@@ -355,13 +369,15 @@ class CPUBackend(MemoryBackend):
     def __init__(self, host_memory: HostMemory = _host_memory) -> None:
         self._host_memory = host_memory
         self._book: StorageBook | None = None
-        self._base_bytes = 0
         self._live = 0
         self._peak = 0
 
     @staticmethod
     def is_available() -> bool:
         return True
+
+    def identity(self) -> str:
+        return f"cpu:{platform.machine()}:{self._host_memory()[0]}"
 
     def limit(self, memory_limit: int | None = None) -> MemoryLimit:
         total, available = self._host_memory()
@@ -386,9 +402,7 @@ class CPUBackend(MemoryBackend):
 
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:
-        gc.collect()
-        self._base_bytes = psutil.Process().memory_info().rss
-        self._book = StorageBook(self._allocate, self._free, adopt_inputs=False)
+        self._book = StorageBook(self._allocate, self._free, adopt_inputs=True)
         try:
             with self._book:
                 yield
@@ -402,8 +416,7 @@ class CPUBackend(MemoryBackend):
         window = PeakWindow()
         self._peak = self._live
         yield window
-        window.peak_bytes = self._base_bytes + self._peak
-        window.allocated_bytes = _positive(self._peak)
+        window.peak_bytes = window.allocated_bytes = _positive(self._peak)
 
 
 BACKENDS: dict[str, Callable[..., MemoryBackend]] = {

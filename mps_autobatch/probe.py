@@ -33,6 +33,7 @@ def _check_arguments(
     multiple_of: int,
     steps_per_trial: int,
     amp: str | None,
+    objective: str,
 ) -> None:
     _check_positive("requested", requested, "Pass the batch size you want, or leave it out to search from small.")
     _check_positive("max_batch_size", max_batch_size, "Pass the largest size worth probing, e.g. the dataset length.")
@@ -45,6 +46,8 @@ def _check_arguments(
             f"max_batch_size {max_batch_size} is below multiple_of {multiple_of}: no size is allowed. "
             "Raise max_batch_size or lower multiple_of."
         )
+    if objective not in ("memory", "throughput"):
+        raise ValueError(f"Unknown objective {objective!r}. Use 'memory' or 'throughput'.")
     if amp is not None and amp not in AMP_DTYPES:
         raise ValueError(f"Unknown amp {amp!r}. Use None, 'bf16' or 'fp16'.")
 
@@ -66,6 +69,7 @@ def find_safe_batch_size(
     multiple_of: int = 1,
     steps_per_trial: int = 1,
     find_max: bool = False,
+    objective: Literal["memory", "throughput"] = "memory",
     on_trial: Callable[[Trial], None] | None = None,
 ) -> ProbeResult:
     """Find the largest batch size a training step can use without running out of memory.
@@ -95,6 +99,8 @@ def find_safe_batch_size(
         multiple_of: only probe and recommend multiples of this.
         steps_per_trial: training steps per probe; the peak is the highest of them.
         find_max: also find the largest size that runs at all, exactly.
+        objective: "memory" recommends the largest size that fits; "throughput" the smallest size within
+            5% of the best samples/s among those that fit (larger is not always faster on MPS).
         on_trial: called with each `Trial` as it completes (for progress displays).
 
     Returns:
@@ -116,7 +122,7 @@ def find_safe_batch_size(
         >>> result.batch_size > 1000, result.trials[-1].peak_bytes <= result.limit_bytes
         (True, True)
     """
-    _check_arguments(headroom, requested, max_batch_size, multiple_of, steps_per_trial, amp)
+    _check_arguments(headroom, requested, max_batch_size, multiple_of, steps_per_trial, amp, objective)
     limit_bytes = parse_size(memory_limit) if memory_limit is not None else None
     backend = get_backend(device)
     limit = backend.limit(limit_bytes)
@@ -130,8 +136,8 @@ def find_safe_batch_size(
         amp=amp,
         channels_last=channels_last,
     )
-    with workload, backend.session(limit.bytes):
-        try:
+    try:
+        with workload, backend.session(limit.bytes):
             return search(
                 workload,
                 backend,
@@ -142,7 +148,8 @@ def find_safe_batch_size(
                 multiple_of=multiple_of,
                 steps_per_trial=steps_per_trial,
                 find_max=find_max,
+                objective=objective,
                 on_trial=on_trial,
             )
-        finally:
-            backend.clear_cache()  # leave no cached buffers behind
+    finally:
+        backend.clear_cache()  # after the workload let go of its optimizer: leave no cached buffers behind

@@ -73,9 +73,7 @@ def trials_table(result: ProbeResult) -> Table:
     recommended = _last_ok_index(result.trials, result.batch_size)
     max_verified = _last_ok_index(result.trials, result.max_batch_size)
     for index, trial in enumerate(result.trials):
-        marks = [
-            name for name, i in (("recommended", recommended), ("max verified", max_verified)) if i == index
-        ]
+        marks = [name for name, i in (("recommended", recommended), ("max verified", max_verified)) if i == index]
         share = "-" if trial.peak_bytes is None else f"{100 * trial.peak_bytes / result.limit_bytes:.1f}%"
         table.add_row(
             str(trial.batch_size),
@@ -122,17 +120,20 @@ def summary_lines(result: ProbeResult) -> list[str]:
     ]
     if result.fixed_bytes is not None and result.per_sample_bytes is not None:
         lines.append(
-            f"Fitted peak: {result.fixed_bytes / _MIB:.1f} MiB + {result.per_sample_bytes / _MIB:.1f} MiB "
-            "per sample"
+            f"Fitted peak: {result.fixed_bytes / _MIB:.1f} MiB + {result.per_sample_bytes / _MIB:.1f} MiB per sample"
         )
     lines.append(f"Strategy: {result.strategy}")
+    if result.objective == "throughput":
+        rates = ", ".join(f"{size}: {rate:.1f}" for size, rate in result.throughput)
+        lines.append(
+            f"Throughput knee: {result.batch_size} (largest that fits: {result.memory_batch_size}); "
+            f"samples/s by size: {rates}"
+        )
     if result.note:
         lines.append(f"Note: {result.note}")
     if result.requested is not None:
         micro, steps = result.accumulation or plan_accumulation(result.requested, result.batch_size)
-        lines.append(
-            f"Requested batch {result.requested}: {micro} x {steps} (micro-batch x accumulation steps)"
-        )
+        lines.append(f"Requested batch {result.requested}: {micro} x {steps} (micro-batch x accumulation steps)")
     step_word = "step" if result.steps_per_trial == 1 else "steps"
     lines.append(
         f"Probe time: {result.elapsed_s:.1f} s ({len(result.trials)} trials of {result.steps_per_trial} "
@@ -162,9 +163,7 @@ def plot(result: ProbeResult, path: str | Path) -> Path:
     try:
         import matplotlib  # noqa: F401  (imported first so a missing install gets our message)
     except ImportError as exc:
-        raise ImportError(
-            "Plotting needs matplotlib. Install it with: pip install 'mps-autobatch[plot]'"
-        ) from exc
+        raise ImportError("Plotting needs matplotlib. Install it with: pip install 'mps-autobatch[plot]'") from exc
     # Figure + Agg canvas directly, not pyplot: no global backend switch in the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -188,25 +187,19 @@ def _draw(axes: Axes, result: ProbeResult) -> None:
         peaks = [t.peak_bytes / _GIB for t in ran if t.peak_bytes is not None]
         axes.plot([t.batch_size for t in ran], peaks, "o", color=_OK_COLOR, label="ran (peak)")
     if failed:
-        axes.plot(
-            failed, [limit] * len(failed), "x", color=_FAILED_COLOR, markersize=9, mew=2, label="failed"
-        )
+        axes.plot(failed, [limit] * len(failed), "x", color=_FAILED_COLOR, markersize=9, mew=2, label="failed")
     x_max = 1.1 * max([t.batch_size for t in result.trials] + [result.batch_size])
     chosen_y = None
     if result.fixed_bytes is not None and result.per_sample_bytes is not None:
         fixed, per_sample = result.fixed_bytes / _GIB, result.per_sample_bytes / _GIB
-        axes.plot(
-            [0, x_max], [fixed, fixed + per_sample * x_max], "--", color=_FIT_COLOR, lw=1.5, label="fit"
-        )
+        axes.plot([0, x_max], [fixed, fixed + per_sample * x_max], "--", color=_FIT_COLOR, lw=1.5, label="fit")
         chosen_y = fixed + per_sample * result.batch_size
     elif (index := _last_ok_index(result.trials, result.batch_size)) is not None:
         peak = result.trials[index].peak_bytes
         chosen_y = None if peak is None else peak / _GIB
     axes.axhline(limit, color=_LIMIT_COLOR, lw=2, label=f"limit {limit:.2f} GiB")
     axes.axhline(budget, color=_BUDGET_COLOR, lw=2, ls="--", label=f"budget {budget:.2f} GiB")
-    axes.axvline(
-        result.batch_size, color=_CHOSEN_COLOR, lw=1.5, ls=":", label=f"recommended {result.batch_size}"
-    )
+    axes.axvline(result.batch_size, color=_CHOSEN_COLOR, lw=1.5, ls=":", label=f"recommended {result.batch_size}")
     if chosen_y is not None:
         axes.plot([result.batch_size], [chosen_y], "*", color=_CHOSEN_COLOR, markersize=16)
     axes.set_xlim(0, x_max)

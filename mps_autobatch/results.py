@@ -66,6 +66,10 @@ class ProbeResult:
         accumulation: for ``requested``, the (micro-batch, accumulation steps) that reproduce it.
         trials: every trial, in the order they ran.
         elapsed_s: wall time of the whole probe.
+        objective: "memory" (``batch_size`` is the largest size that fits) or "throughput" (``batch_size``
+            is the smallest size within 5% of the best measured samples/s among sizes that fit).
+        memory_batch_size: the memory objective's answer, whatever the objective.
+        throughput: for the throughput objective, (batch size, samples/s) of each size timed.
     """
 
     batch_size: int
@@ -84,6 +88,9 @@ class ProbeResult:
     accumulation: tuple[int, int] | None
     trials: tuple[Trial, ...]
     elapsed_s: float
+    objective: Literal["memory", "throughput"] = "memory"
+    memory_batch_size: int | None = None
+    throughput: tuple[tuple[int, float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON.

@@ -13,19 +13,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from time import perf_counter
-from typing import Protocol
+from typing import Literal, Protocol
+
+import torch
 
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend, MemoryLimit
 from .errors import NoBatchSizeFits
 from .oom import is_oom_error
-from .results import ProbeResult, Trial
+from .results import Outcome, ProbeResult, Trial
+from .throughput import knee, time_steps
 
 __all__ = ["Workload", "first_batch_size", "search"]
 
 # Stop refining once the largest size that fits the budget is within this fraction of where the
-# measured line crosses it: one more step near the limit costs as much as the whole search so far.
-_TOLERANCE = 0.03
+# measured line crosses it, or of the largest size that could still fit: one more step near the
+# limit costs as much as the whole search so far.
+_TOLERANCE = 0.04
 # Never jump more than this factor above the largest size that fit: a line fitted at tiny sizes can be
 # far off, and on CPU and CUDA an overshoot is real memory, not a caught error.
 _MAX_GROWTH = 8
@@ -64,6 +68,18 @@ def first_batch_size(requested: int | None, multiple_of: int = 1, max_batch_size
     if max_batch_size is not None:
         size = min(size, max(multiple_of, max_batch_size // multiple_of * multiple_of))
     return size
+
+
+def _release_failed_backward(device: torch.device) -> None:
+    """Free what an error inside ``backward()`` left queued.
+
+    When a backward pass fails, the graph's other ready tasks stay in the autograd engine's queue for
+    that device, holding the failed step's activations, until the next backward runs there; measured
+    on the simulation, a failed ResNet step kept 58 MiB alive through every later trial. A trivial
+    backward drains the queue.
+    """
+    leaf = torch.zeros((), device=device, requires_grad=True)
+    (leaf * 1.0).backward()
 
 
 Line = tuple[float, float]  # (fixed bytes, bytes per sample)
@@ -105,7 +121,7 @@ class _Search:
         self.idle_bytes: int | None = None
         self.idle_gap = 0
         self.last_oom: BaseException | None = None
-        self._widths: dict[int, list[int]] = {}
+        self._widths: dict[int, list[int]] = {}  # bracket widths seen, per target
 
     # --- running trials -------------------------------------------------------------------------------
     def warm_up(self, batch_size: int) -> None:
@@ -139,10 +155,16 @@ class _Search:
             trial = Trial(batch_size, "oom", None, None, None, None, fits_budget=False, error=error)
         else:
             peak = window.peak_bytes
-            outcome = "over_limit" if peak is not None and peak > self.limit else "ok"
+            outcome: Outcome = "over_limit" if peak is not None and peak > self.limit else "ok"
             fits = outcome == "ok" and peak is not None and peak <= self.budget
             trial = Trial(
-                batch_size, outcome, peak, window.allocated_bytes, step_s, batch_size / step_s, fits_budget=fits
+                batch_size,
+                outcome,
+                peak,
+                window.allocated_bytes,
+                step_s,
+                batch_size / step_s,
+                fits_budget=fits,
             )
         self.trials.append(trial)
         if self.on_trial is not None:
@@ -151,6 +173,7 @@ class _Search:
 
     def _recover(self) -> None:
         try:
+            _release_failed_backward(self.backend.device)
             self.workload.recover()
             self.backend.clear_cache()
         except Exception as exc:  # an OOM while cleaning up must not replace the trial's outcome
@@ -191,6 +214,30 @@ class _Search:
             return _line((0, self.idle_bytes), anchor[-1])
         return None
 
+    def crossings_for(
+        self, target: int, reading: Callable[[Trial], int | None], lo: int, hi: int | None
+    ) -> tuple[float, float] | None:
+        """Where memory reaches ``target`` (units of ``multiple_of``): the lowest and highest estimate.
+
+        Peak memory is close to a line but often step-shaped (allocator size classes): the line across
+        the bracket can be far off when the target sits on a plateau, so the lines through the two
+        nearest points on each side are tried too. The search aims at the lowest crossing inside the
+        bracket and stops only when the largest size that fits is close to the highest.
+        """
+        points = self._points(reading)
+        below = [p for p in points if p[1] <= target]
+        above = [p for p in points if p[1] > target and (not below or p[0] > below[-1][0])]
+        pairs = [(below[-1], above[0])] if below and above else []
+        pairs += [(below[-2], below[-1])] if len(below) >= 2 else []
+        pairs += [(above[0], above[1])] if len(above) >= 2 else []
+        if len(points) == 1 and self.idle_bytes is not None:
+            pairs.append(((0, self.idle_bytes), points[0]))
+        crossings = [
+            (target - fixed) / slope / self.m for fixed, slope in filter(None, (_line(a, b) for a, b in pairs))
+        ]
+        inside = [c for c in crossings if lo < c and (hi is None or c < hi)] or crossings[-1:]
+        return (min(inside), max(inside)) if inside else None
+
     def unreliable(self, trial: Trial) -> str | None:
         """Why the counters cannot guide the search, or None when they can."""
         if trial.ok and trial.peak_bytes is None:
@@ -225,15 +272,19 @@ class _Search:
         lo, hi = self._bracket(fits)
         if (self.cap is not None and lo >= self.cap) or (hi is not None and hi - lo <= 1):
             return None
-        line = self.line_for(target, reading)
+        if not exact and hi is not None and lo >= (1 - _TOLERANCE) * (hi - 1):
+            return None
+        estimates = self.crossings_for(target, reading, lo, hi)
         widths = self._widths.setdefault(target, [])
-        if hi is not None and len(widths) >= 2 and hi - lo > widths[-2] / 2:
-            guess = (lo + hi) // 2  # interpolation is creeping: bisect
-        elif line is None:
+        if hi is not None:
+            widths.append(hi - lo)
+        if len(widths) >= 3 and widths[-1] > widths[-3] / 2:
+            guess = (lo + hi) // 2  # two interpolations did not halve the bracket (a step-shaped curve): bisect
+        elif estimates is None:
             guess = 2 * lo if hi is None else (lo + hi) // 2
         else:
-            crossing = (target - line[0]) / line[1] / self.m
-            if not exact and lo > 0 and lo >= (1 - _TOLERANCE) * crossing:
+            crossing, optimistic = estimates
+            if not exact and lo > 0 and lo >= (1 - _TOLERANCE) * optimistic:
                 return None
             if hi is not None and crossing >= hi:
                 guess = (lo + hi) // 2  # the line contradicts a failure already seen (an OOM has no peak)
@@ -244,7 +295,6 @@ class _Search:
             guess = min(guess, lo * _MAX_GROWTH)
         if hi is not None:
             guess = min(guess, hi - 1)
-            widths.append(hi - lo)
         if self.cap is not None:
             guess = min(guess, self.cap)
         return guess
@@ -291,9 +341,13 @@ def search(
     multiple_of: int = 1,
     steps_per_trial: int = 1,
     find_max: bool = False,
+    objective: Literal["memory", "throughput"] = "memory",
     on_trial: Callable[[Trial], None] | None = None,
 ) -> ProbeResult:
     """Find the largest batch size whose measured peak fits ``limit`` minus ``headroom``.
+
+    With ``objective="throughput"``, then time the sizes that fit (and half and a quarter of the
+    largest) and recommend the knee: the smallest within 5% of the best samples/s.
 
     The backend's session (the cap while probing) must already be open; `find_safe_batch_size` does
     that and validates the arguments, and is what users call.
@@ -325,7 +379,7 @@ def search(
         )
     if recommended is None:
         smallest = min(trials, key=lambda t: t.batch_size)
-        reason = smallest.error or f"its peak of {smallest.peak_bytes / 2**30:.2f} GiB is over the budget"
+        reason = smallest.error or f"its peak of {(smallest.peak_bytes or 0) / 2**30:.2f} GiB is over the budget"
         raise NoBatchSizeFits(
             f"No batch size fits in {limit.bytes / 2**30:.2f} GiB minus {headroom:.0%} headroom: batch size "
             f"{smallest.batch_size} failed ({reason.splitlines()[0]}). Use a smaller model or input, less "
@@ -334,8 +388,17 @@ def search(
             limit_bytes=limit.bytes,
         ) from state.last_oom
     line = state.line_for(state.budget) if strategy == "measure" else None
+    rates: tuple[tuple[int, float], ...] = ()
+    chosen = recommended
+    if objective == "throughput":
+        fitting = {
+            t.batch_size for t in trials if (t.fits_budget or strategy == "bisect") and t.batch_size <= recommended
+        }
+        halves = {max(multiple_of, recommended // d // multiple_of * multiple_of) for d in (2, 4)}
+        rates = time_steps(workload, backend, fitting | halves | {recommended})
+        chosen = knee(rates)
     return ProbeResult(
-        batch_size=recommended,
+        batch_size=chosen,
         max_batch_size=max(verified),
         device=backend.name,
         limit_bytes=limit.bytes,
@@ -348,7 +411,10 @@ def search(
         note=note,
         steps_per_trial=steps_per_trial,
         requested=requested,
-        accumulation=plan_accumulation(requested, recommended) if requested is not None else None,
+        accumulation=plan_accumulation(requested, chosen) if requested is not None else None,
         trials=trials,
         elapsed_s=perf_counter() - began,
+        objective=objective,
+        memory_batch_size=recommended,
+        throughput=rates,
     )

@@ -39,7 +39,6 @@ from ._tracking import StorageBook
 from ._units import format_bytes, parse_size
 from .devices import (
     MPS_DEFAULT_HIGH_WATERMARK_RATIO,
-    MPS_MAX_HIGH_WATERMARK_RATIO,
     MPS_WATERMARK_ENV,
     MemoryLimit,
     MPSBackend,
@@ -312,10 +311,9 @@ class _GraphAwareBook(StorageBook):
         super().__init__(sim._allocate, sim._release, adopt_inputs=True)
         self._sim = sim
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._sim._see_op(func, args)
         return super().__torch_dispatch__(func, types, args, kwargs)
-
 
 
 class SimulatedMPSBackend(MPSBackend):
@@ -338,6 +336,10 @@ class SimulatedMPSBackend(MPSBackend):
                 "Simulate a smaller Mac or pass a smaller memory limit."
             )
         return limit
+
+    def identity(self) -> str:
+        sim = self.sim
+        return f"sim-mps:{sim.memory_bytes}:{sim.recommended_max_bytes}:{sim.error_style}:{sim.allocator}"
 
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:

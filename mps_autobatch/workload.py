@@ -130,7 +130,9 @@ class ModuleWorkload:
         }
         self._norm_stats = [(b, s) for b, s in zip(model.buffers(), self._saved["buffers"]) if id(b) in norm_buffers]
         self.optimizer = _make_optimizer(self.optimizer_spec, model)
-        self._scaler = torch.amp.GradScaler(self.device.type) if self.amp == "fp16" and self.device.type == "cuda" else None
+        self._scaler = (
+            torch.amp.GradScaler(self.device.type) if self.amp == "fp16" and self.device.type == "cuda" else None
+        )
         return self
 
     def __exit__(
@@ -190,7 +192,10 @@ class ModuleWorkload:
 
 def _host_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     state = optimizer.state_dict()
-    return {"state": tree_map(_host_copy, state["state"]), "param_groups": tree_map(_host_copy, state["param_groups"])}
+    return {
+        "state": tree_map(_host_copy, state["state"]),
+        "param_groups": tree_map(_host_copy, state["param_groups"]),
+    }
 
 
 def _make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -229,7 +234,9 @@ def make_workload(
     """A workload for a module (checked first: a module is callable too) or a step function."""
     if isinstance(target, nn.Module):
         if input_shape is None:
-            raise ValueError("input_shape is needed to build synthetic batches for a model, e.g. input_shape=(3, 224, 224).")
+            raise ValueError(
+                "input_shape is needed to build synthetic batches for a model, e.g. input_shape=(3, 224, 224)."
+            )
         return ModuleWorkload(
             target,
             input_shape=input_shape,

@@ -153,9 +153,7 @@ def test_corrupt_file_warns_once_and_is_rewritten(cache_home: Path, content: str
     path = cache.store(KEY, RESULT)
     path.write_text(content)
 
-    with pytest.warns(
-        AutobatchWarning, match=r"unreadable cache file '.*\.json'.*will be rewritten"
-    ) as caught:
+    with pytest.warns(AutobatchWarning, match=r"unreadable cache file '.*\.json'.*will be rewritten") as caught:
         loaded = cache.load(KEY, limit_bytes=16 * GIB)
 
     assert loaded is None

@@ -35,14 +35,20 @@ def test_probe_prints_the_size_on_stdout_and_the_table_on_stderr():
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "efficientnet_bo"], "Error: Unknown timm model 'efficientnet_bo'. Did you mean 'efficientnet_b0'?"),
+        (
+            ["--model", "efficientnet_bo"],
+            "Error: Unknown timm model 'efficientnet_bo'. Did you mean 'efficientnet_b0'?",
+        ),
         (["--image-size", "4"], "Error: --image-size must be >= 8 pixels, got 4."),
         (["--headroom", "1.5"], "Error: headroom must be a fraction in [0, 1), got 1.5."),
         (["--requested", "0"], "Error: requested must be >= 1, got 0."),
         (["--memory-limit", "lots"], "Error: Cannot read the memory size 'lots'."),
         (["--device", "tpu"], "Error: Unknown device 'tpu'. Use one of: auto, mps, cuda, cuda:N, cpu."),
         (["--simulate", "16GiB"], "Error: Cannot read the simulation '16GiB'."),
-        (["--memory-limit", "1000TiB", "--device", "cpu"], "Error: memory_limit 1024000.00 GiB is more than this machine's"),
+        (
+            ["--memory-limit", "1000TiB", "--device", "cpu"],
+            "Error: memory_limit 1024000.00 GiB is more than this machine's",
+        ),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_code_2(args, message):
@@ -64,9 +70,115 @@ def test_info_on_the_simulated_mac():
 def test_the_console_script_runs_as_a_subprocess():
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1")
     done = subprocess.run(
-        [sys.executable, "-m", "mps_autobatch.cli", "probe", *TINY, "--device", "cpu", "--memory-limit", "2GiB",
-         "--max-batch-size", "8", "--json"],
-        capture_output=True, text=True, env=env, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "mps_autobatch.cli",
+            "probe",
+            *TINY,
+            "--device",
+            "cpu",
+            "--memory-limit",
+            "2GiB",
+            "--max-batch-size",
+            "8",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["batch_size"] == 8
+
+
+def _probe_json(*extra):
+    result = runner.invoke(
+        app, ["probe", *TINY, "--simulate", "mps:16GiB", "--memory-limit", "128MiB", "--json", *extra]
+    )
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_a_repeated_probe_comes_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path))
+    first = _probe_json()
+    second = _probe_json()
+    assert (first["cached"], second["cached"]) == (False, True)
+    assert second["trials"] == first["trials"] and second["batch_size"] == first["batch_size"]
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    # Another optimizer or AMP setting changes memory: a miss, probed again.
+    assert _probe_json("--optimizer", "sgd")["cached"] is False
+    assert _probe_json("--amp", "bf16")["cached"] is False
+    # A larger limit today still uses the answer found under the smaller one; a smaller limit does not.
+    grown = _probe_json("--memory-limit", "150MiB")
+    assert grown["cached"] is True and grown["limit_bytes"] == 128 * 2**20
+    assert _probe_json("--memory-limit", "110MiB")["cached"] is False
+    assert len(list(tmp_path.glob("*.json"))) == 3
+
+
+def test_no_cache_probes_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path))
+    _probe_json()
+    assert _probe_json("--no-cache")["cached"] is False
+    result = runner.invoke(app, ["cache", "clear"])
+    assert result.exit_code == 0 and "Removed 1 cached answer(s)" in result.stderr
+
+
+def test_plot_writes_a_png(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path))
+    target = tmp_path / "mem.png"
+    _probe_json("--plot", str(target))
+    assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_estimate_prints_a_table_per_image_and_batch_size():
+    result = runner.invoke(
+        app,
+        [
+            "estimate",
+            "--model",
+            "test_efficientnet",
+            "--num-classes",
+            "10",
+            "--image-size",
+            "64",
+            "--image-size",
+            "256",
+            "--batch-size",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1:3] for row in rows] == [
+        ["         64 ", "          2 "], ["         64 ", "          8 "],
+        ["        256 ", "          2 "], ["        256 ", "          8 "],
+    ]  # fmt: skip
+
+
+def test_estimate_calibrates_against_one_real_step_on_the_simulated_mac():
+    result = runner.invoke(
+        app,
+        ["estimate", "--model", "test_efficientnet", "--num-classes", "10", "--image-size", "64", "--batch-size",
+         "4", "--calibrate", "--simulate", "mps:16GiB"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    factor = float(result.stdout.split("calibrated (x")[1].split(")")[0])
+    # Driver memory holds the allocator's rounding, its cache and 64 MiB of other allocations on top of tensors.
+    assert factor > 1.5
+
+
+def test_plot_without_matplotlib_is_one_line_saying_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    result = runner.invoke(
+        app, ["probe", *TINY, "--simulate", "mps:16GiB", "--memory-limit", "128MiB", "--plot", str(tmp_path / "m.png")]
+    )
+    assert result.exit_code == 1
+    assert (
+        result.stderr.strip() == "Error: Plotting needs matplotlib. Install it with: pip install 'mps-autobatch[plot]'"
+    )

@@ -7,37 +7,9 @@ import timm
 import torch
 from torch import nn
 
-from mps_autobatch._tracking import StorageBook
-from mps_autobatch.estimate import Estimate, estimate_grid, estimate_peak
-from mps_autobatch.workload import make_workload
+from mps_autobatch.estimate import Estimate, estimate_grid, estimate_peak, measure_peak
 
 MB = 10**6
-
-
-def _measured_peak(
-    model: nn.Module, *, input_shape: tuple[int, ...], batch_size: int, num_classes: int
-) -> int:
-    """Live tensor bytes at the peak of the second real training step (the first creates AdamW's state)."""
-    live = peak = 0
-
-    def on_alloc(nbytes: int) -> int:
-        nonlocal live, peak
-        live += nbytes
-        peak = max(peak, live)
-        return nbytes
-
-    def on_free(nbytes: object) -> None:
-        nonlocal live
-        live -= nbytes  # type: ignore[operator]
-
-    workload = make_workload(
-        model, device=torch.device("cpu"), input_shape=input_shape, num_classes=num_classes, optimizer="adamw"
-    )
-    with workload, StorageBook(on_alloc, on_free, adopt_inputs=True):
-        workload.step(batch_size)
-        peak = live
-        workload.step(batch_size)
-    return peak
 
 
 def _resnet18() -> nn.Module:
@@ -48,7 +20,7 @@ def test_estimate_matches_the_measured_peak_of_a_real_step() -> None:
     torch.manual_seed(0)
     model = _resnet18()
     shape, batch_size = (3, 96, 96), 64
-    measured = _measured_peak(model, input_shape=shape, batch_size=batch_size, num_classes=10)
+    measured = measure_peak(model, input_shape=shape, batch_size=batch_size, num_classes=10)
     from_factory = estimate_peak(_resnet18, input_shape=shape, batch_size=batch_size, num_classes=10)
     from_instance = estimate_peak(model, input_shape=shape, batch_size=batch_size, num_classes=10)
     estimated = from_factory.peak_bytes
@@ -97,13 +69,11 @@ def _tiny() -> nn.Module:
         ({"batch_size": -3}, "batch_size must be >= 1, got -3. Pass a positive batch_size."),
         (
             {"input_shape": ()},
-            "input_shape must be the positive sizes of one sample, got (). "
-            "Pass e.g. input_shape=(3, 224, 224).",
+            "input_shape must be the positive sizes of one sample, got (). Pass e.g. input_shape=(3, 224, 224).",
         ),
         (
             {"input_shape": (3, 0, 2)},
-            "input_shape must be the positive sizes of one sample, got (3, 0, 2). "
-            "Pass e.g. input_shape=(3, 224, 224).",
+            "input_shape must be the positive sizes of one sample, got (3, 0, 2). Pass e.g. input_shape=(3, 224, 224).",
         ),
         ({"num_classes": 0}, "num_classes must be >= 1, got 0. Pass the classifier's output size."),
         # names

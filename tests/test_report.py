@@ -110,9 +110,7 @@ def test_trials_table_unprobed_recommendation_is_in_the_caption() -> None:
 
     lines = _render(result)
 
-    assert not any(
-        "recommended" in _cells(line)[-1] for line in lines if line.startswith("│") and "│" in line[1:]
-    )
+    assert not any("recommended" in _cells(line)[-1] for line in lines if line.startswith("│") and "│" in line[1:])
     text = " ".join(line.strip() for line in lines)
     assert "Recommended 22 was not probed: it keeps 20% headroom below the max verified 28." in text
 

@@ -1,5 +1,7 @@
 """The search against step functions that fail the way devices do (CPU backend, exact texts)."""
 
+import time
+
 import pytest
 import torch
 from oom_texts import RUNTIME_OOM_TEXTS
@@ -34,7 +36,7 @@ def test_a_step_failing_above_n_gives_max_batch_size_n(error):
     assert result.max_batch_size == 37
     # A step that allocates nothing gives the counters nothing to go on: crash-driven bisection.
     assert result.strategy == "bisect"
-    assert "did not grow" in result.note
+    assert "no memory signal on cpu" in result.note
     assert result.batch_size == int(0.8 * 37)
     assert step.sizes == [2, 4, 8, 16, 32, 64, 48, 40, 36, 38, 37]
     assert [t.outcome for t in result.trials] == ["ok"] * 5 + ["oom"] * 3 + ["ok", "oom", "ok"]
@@ -70,8 +72,14 @@ def test_non_oom_errors_propagate_as_the_same_object_after_one_call(error):
 def test_first_trial_follows_the_reduction_rule(requested, multiple_of, first):
     assert first_batch_size(requested, multiple_of) == first
     step = FailsAbove(1000, RuntimeError(RUNTIME_OOM_TEXTS[0]))
-    find_safe_batch_size(step, device="cpu", memory_limit="1GiB", requested=requested, multiple_of=multiple_of,
-                         max_batch_size=64)
+    find_safe_batch_size(
+        step,
+        device="cpu",
+        memory_limit="1GiB",
+        requested=requested,
+        multiple_of=multiple_of,
+        max_batch_size=64,
+    )
     assert step.sizes[0] == first
     assert all(size % multiple_of == 0 and size > 0 for size in step.sizes)
 
@@ -137,3 +145,28 @@ def test_requested_gives_the_accumulation_plan():
     result = find_safe_batch_size(step, device="cpu", memory_limit="1GiB", requested=64)
     assert result.batch_size == 24  # 0.8 x 30 in crash-driven mode
     assert result.accumulation == (22, 3)  # 22 + 22 + 20 = 64
+
+
+class PlateauStep(FailsAbove):
+    """Throughput grows with the batch up to `knee` samples, then stays flat: a step takes max(20 ms, 2 ms x size)."""
+
+    def __call__(self, batch_size):
+        super().__call__(batch_size)
+        time.sleep(max(0.02, 0.002 * batch_size))
+
+
+def test_throughput_objective_recommends_the_knee_and_keeps_the_memory_answer():
+    step = PlateauStep(40, RuntimeError(RUNTIME_OOM_TEXTS[0]))
+    result = find_safe_batch_size(step, device="cpu", memory_limit="1GiB", objective="throughput")
+    assert result.memory_batch_size == 32  # 80% of the largest size that ran (crash-driven: no memory signal)
+    timed = [size for size, _ in result.throughput]
+    assert timed == [2, 4, 8, 16, 32]
+    rates = dict(result.throughput)
+    assert rates[16] == pytest.approx(rates[32], rel=0.05)  # both on the plateau of ~500 samples/s
+    assert rates[8] < 0.9 * rates[16]
+    assert (result.objective, result.batch_size) == ("throughput", 16)
+
+
+def test_unknown_objective_is_refused():
+    with pytest.raises(ValueError, match=r"^Unknown objective 'speed'. Use 'memory' or 'throughput'.$"):
+        find_safe_batch_size(lambda bs: None, device="cpu", objective="speed")

@@ -81,7 +81,10 @@ def test_old_torch_units_and_the_unlimited_variant():
 def test_cuda_text_mode_raises_torch_out_of_memory_error():
     sim = SimulatedMPS(error_style="cuda", allocator=AllocatorModel(other_bytes=0))
     sim.set_per_process_memory_fraction(8 * MiB / sim.recommended_max_memory())
-    with sim.tracking(), pytest.raises(torch.OutOfMemoryError, match=r"^CUDA out of memory\. Tried to allocate 16\.00 MiB\."):
+    with (
+        sim.tracking(),
+        pytest.raises(torch.OutOfMemoryError, match=r"^CUDA out of memory\. Tried to allocate 16\.00 MiB\."),
+    ):
         torch.ones(4 * MiB)
 
 
