@@ -10,6 +10,7 @@ back to crash-driven bisection, exact to the size, and says so.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Callable
 from time import perf_counter
@@ -125,6 +126,7 @@ class _Search:
 
     # --- running trials -------------------------------------------------------------------------------
     def warm_up(self, batch_size: int) -> None:
+        gc.collect()  # what earlier work left in reference cycles, once, before anything is measured
         self.backend.clear_cache()  # a cache left by earlier work would hold the warm-up's tensors
         self.workload.warm_up(batch_size)
         self.backend.clear_cache()
@@ -175,6 +177,7 @@ class _Search:
         try:
             _release_failed_backward(self.backend.device)
             self.workload.recover()
+            gc.collect()  # reference cycles through the failed step's frames can still hold tensors
             self.backend.clear_cache()
         except Exception as exc:  # an OOM while cleaning up must not replace the trial's outcome
             if not is_oom_error(exc):
@@ -278,7 +281,7 @@ class _Search:
         widths = self._widths.setdefault(target, [])
         if hi is not None:
             widths.append(hi - lo)
-        if len(widths) >= 3 and widths[-1] > widths[-3] / 2:
+        if hi is not None and len(widths) >= 3 and widths[-1] > widths[-3] / 2:
             guess = (lo + hi) // 2  # two interpolations did not halve the bracket (a step-shaped curve): bisect
         elif estimates is None:
             guess = 2 * lo if hi is None else (lo + hi) // 2

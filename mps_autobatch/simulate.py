@@ -57,7 +57,8 @@ class AllocatorModel:
         page_bytes: small buffers are rounded up to this (the 16 KiB page of Apple silicon).
         small_max_bytes: the largest "small" buffer.
         large_round_bytes: large buffers are rounded up to this.
-        reuse_slack_bytes: a cached buffer up to this much larger than a request is reused for it.
+        reuse_slack_bytes: a cached buffer of the same pool (small or large) up to this much larger than a
+            request is reused for it (kLargeHeap).
         other_bytes: driver memory outside PyTorch's heaps (Metal, MPSGraph), present from the start.
         graph_bytes_per_shape: driver memory added per new (op, input shapes) signature, as MPSGraph
             caches grow with distinct shapes (pytorch/pytorch#132596).
@@ -257,8 +258,15 @@ class SimulatedMPS:
         return buffer
 
     def _reuse(self, size: int) -> _Buffer | None:
+        # Small and large buffers live in separate pools (MPSAllocator's get_pool): a small request is
+        # never served from a large cached buffer, and a large one only within the slack.
         index = bisect.bisect_left(self._cache, (size, -1))
-        if index < len(self._cache) and self._cache[index][0] <= size + self.allocator.reuse_slack_bytes:
+        if index == len(self._cache):
+            return None
+        cached = self._cache[index][0]
+        small = self.allocator.small_max_bytes
+        same_pool = (cached <= small) == (size <= small)
+        if same_pool and cached <= size + self.allocator.reuse_slack_bytes:
             return self._cache.pop(index)[2]
         return None
 

@@ -73,7 +73,7 @@ def test_the_console_script_runs_as_a_subprocess():
         [
             sys.executable,
             "-m",
-            "mps_autobatch.cli",
+            "mps_autobatch",
             "probe",
             *TINY,
             "--device",

@@ -1,7 +1,7 @@
 """The bundled trainer: data, training loop and checkpoints behind ``autobatch train``.
 
-``import mps_autobatch`` does not import this package; importing it brings in the trainer's user-level
-names below (torch and timm, not the data pipeline, which loads when a run starts).
+The user-level names below load on first use (PEP 562), so importing this package, or the CLI that
+registers its commands, stays light until a run starts.
 
 Example:
     >>> from mps_autobatch.train import TrainConfig
@@ -9,11 +9,33 @@ Example:
     'runs/synthetic-test_efficientnet'
 """
 
-from .config import TrainConfig as TrainConfig
-from .engine import TrainingOutOfMemory as TrainingOutOfMemory
-from .engine import TrainResult as TrainResult
-from .engine import train as train
-from .inference import evaluate_checkpoint as evaluate_checkpoint
-from .inference import predict as predict
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import TrainConfig as TrainConfig
+    from .engine import TrainingOutOfMemory as TrainingOutOfMemory
+    from .engine import TrainResult as TrainResult
+    from .engine import train as train
+    from .inference import evaluate_checkpoint as evaluate_checkpoint
+    from .inference import predict as predict
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingOutOfMemory", "evaluate_checkpoint", "predict", "train"]
+
+# Where each public name lives.
+_HOMES = {
+    "TrainConfig": "config",
+    "TrainResult": "engine",
+    "TrainingOutOfMemory": "engine",
+    "train": "engine",
+    "evaluate_checkpoint": "inference",
+    "predict": "inference",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)

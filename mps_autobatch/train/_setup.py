@@ -1,0 +1,249 @@
+"""How a training run is set up: run folder, device, model, precision, optimizer, schedule and batch size."""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .._units import parse_size
+from ..accumulation import plan_accumulation
+from ..devices import MemoryBackend, MPSBackend
+from ..errors import AutobatchError
+from ..results import ProbeResult
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+
+__all__ = [
+    "BatchSizeFinder",
+    "WeightsUnavailable",
+    "choose_amp",
+    "choose_batch_sizes",
+    "create_model",
+    "lr_at",
+    "make_optimizer",
+    "memory_session",
+    "model_data_config",
+    "prepare_output",
+    "probe_here",
+    "probe_settings",
+    "resolve_device",
+    "seed_everything",
+]
+
+BatchSizeFinder = Callable[[nn.Module, MemoryBackend, dict[str, Any]], ProbeResult]
+"""``find(model, backend, settings) -> ProbeResult`` for ``batch_size="auto"``; ``settings`` are
+`find_safe_batch_size` keyword arguments (the CLI's finder adds its cache and prints the table)."""
+
+
+class WeightsUnavailable(AutobatchError):
+    """The model's pretrained weights could not be fetched or read."""
+
+
+def model_data_config(model: str | nn.Module) -> dict[str, Any]:
+    """timm's preprocessing for a model (mean, std, crop_pct, ...), from the model or its name.
+
+    A name is instantiated on the meta device: no memory, no weights, just the config it carries.
+
+    Example:
+        >>> model_data_config("test_efficientnet")["crop_pct"]
+        0.95
+    """
+    import timm
+
+    if isinstance(model, str):
+        with torch.device("meta"):
+            model = timm.create_model(model, pretrained=False)
+    return dict(timm.data.resolve_model_data_config(model))
+
+
+def create_model(name: str, num_classes: int, *, pretrained: bool, weights: str | None) -> nn.Module:
+    """A timm model with a ``num_classes`` head, from pretrained weights (the hub's, or ``weights``) or not.
+
+    Raises:
+        WeightsUnavailable: pretrained weights could not be fetched (offline, unknown tag) or read.
+    """
+    import timm
+    from safetensors import SafetensorError
+
+    overlay: dict[str, Any] = {"pretrained_cfg_overlay": {"file": str(Path(weights).expanduser())}} if weights else {}
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **overlay)
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        # timm reports hub failures as FileNotFoundError/ValueError/OSError (REFERENCE.md F), a bad file as
+        # RuntimeError (torch.load) or SafetensorError; an unknown name is a RuntimeError too, not about weights.
+        if not pretrained or not timm.is_model(name):
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        source = f"from {weights!r}" if weights else "from the Hugging Face hub"
+        raise WeightsUnavailable(
+            f"Could not load pretrained weights for {name!r} {source} ({reason}). "
+            "Pass --weights FILE with a local copy, or --no-pretrained to train from scratch."
+        ) from exc
+
+
+def _mps_bf16_supported() -> bool:
+    # Autocast on MPS arrived in torch 2.5; bf16 on the GPU needs macOS 14 (REFERENCE.md B).
+    torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    mac = platform.mac_ver()[0]
+    return torch_version >= (2, 5) and bool(mac) and int(mac.split(".")[0]) >= 14
+
+
+def choose_amp(setting: str, device: torch.device) -> str | None:
+    """The autocast dtype to train with ("bf16", "fp16" or None for fp32) for an --amp setting on a device.
+
+    "auto" is bf16 on CUDA (fp16 with a GradScaler where bf16 is missing), bf16 on MPS where torch and
+    macOS support it and fp32 otherwise, fp32 on CPU.
+
+    Raises:
+        ValueError: the device cannot run the requested precision.
+
+    Example:
+        >>> choose_amp("auto", torch.device("cpu")), choose_amp("bf16", torch.device("cpu"))
+        (None, 'bf16')
+    """
+    if setting == "off":
+        return None
+    if device.type == "cuda":
+        if setting == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return setting
+    if device.type == "mps":
+        supported = _mps_bf16_supported()
+        if setting == "auto":
+            return "bf16" if supported else None
+        if setting == "fp16":
+            raise ValueError("--amp fp16 needs a GradScaler, which has had bugs on MPS. Pass --amp bf16 or --amp off.")
+        if not supported:
+            raise ValueError("--amp bf16 on MPS needs torch >= 2.5 and macOS 14 or later. Pass --amp off.")
+        return setting
+    if setting == "fp16":
+        raise ValueError("--amp fp16 is for CUDA GPUs. On the CPU pass --amp bf16 or --amp off.")
+    return None if setting == "auto" else setting
+
+
+def make_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum 0.9, Nesterov); biases and normalisation weights get no weight decay, as in timm."""
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    raise ValueError(f"Unknown optimizer {name!r}. Use adamw or sgd.")
+
+
+def lr_at(update: int, *, peak: float, warmup: int, total: int) -> float:
+    """Linear warmup over ``warmup`` updates to ``peak``, then cosine decay to zero at ``total`` updates.
+
+    Example:
+        >>> [round(lr_at(u, peak=1.0, warmup=2, total=6), 3) for u in range(6)]
+        [0.5, 1.0, 1.0, 0.854, 0.5, 0.146]
+    """
+    if update < warmup:
+        return peak * (update + 1) / warmup
+    progress = (update - warmup) / max(total - warmup, 1)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def prepare_output(config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite a run or resume another one."""
+    folder, last = config.output_dir, config.output_dir / "last.pt"
+    if not config.resume:
+        if last.exists():
+            raise ValueError(f"{str(folder)!r} already holds a run. Pass --resume to continue it, or another --output.")
+        return None
+    if not last.is_file():
+        raise ValueError(f"Nothing to resume: {str(last)!r} not found. Drop --resume to start a new run.")
+    saved = load_checkpoint(last)
+    mismatch = config.resume_mismatch(saved["config"])
+    if mismatch is not None:
+        raise ValueError(f"Cannot resume {str(folder)!r}: {mismatch}. Pass the same options, or another --output.")
+    return saved
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def probe_settings(
+    config: TrainConfig, num_classes: int, amp: str | None, channels_last: bool, n_train: int
+) -> dict[str, Any]:
+    """The `find_safe_batch_size` arguments for this exact run (the CLI's probe cache is keyed on them)."""
+    requested = config.effective_batch_size
+    return {
+        "input_shape": (3, config.image_size, config.image_size),
+        "num_classes": num_classes,
+        "optimizer": config.optimizer,
+        "amp": amp,
+        "channels_last": channels_last,
+        "memory_limit": parse_size(config.memory_limit) if config.memory_limit is not None else None,
+        "headroom": 0.2,
+        "requested": requested,
+        "max_batch_size": min(requested or n_train, n_train),
+        "multiple_of": 1,
+        "steps_per_trial": 1,
+        "find_max": False,
+        "objective": "memory",
+    }
+
+
+def probe_here(model: nn.Module, backend: MemoryBackend, settings: dict[str, Any]) -> ProbeResult:
+    from ..probe import find_safe_batch_size
+
+    return find_safe_batch_size(model, device=backend, **settings)
+
+
+def choose_batch_sizes(
+    config: TrainConfig,
+    model: nn.Module,
+    backend: MemoryBackend,
+    settings: dict[str, Any],
+    find: BatchSizeFinder,
+    n_train: int,
+) -> tuple[int, int, dict[str, Any] | None]:
+    """(micro-batch, effective batch, the probe's event or None) for a new run."""
+    event = None
+    if config.batch_size == "auto":
+        with torch.random.fork_rng(devices=[]):  # the probe's batches must not move the run's random stream
+            result = find(model, backend, settings)
+        safe = result.batch_size
+        event = {"event": "probe", "batch_size": safe, "max_batch_size": result.max_batch_size}
+        event |= {"limit_bytes": result.limit_bytes, "device": result.device, "strategy": result.strategy}
+    else:
+        safe = config.batch_size
+    effective = config.effective_batch_size or (min(safe, n_train) if event else safe)
+    if effective > n_train:
+        raise ValueError(
+            f"An optimisation batch of {effective} is more than the {n_train} training images. "
+            "Pass a smaller --batch-size or --effective-batch-size."
+        )
+    micro, _ = plan_accumulation(effective, safe)
+    return micro, effective, event
+
+
+def memory_session(backend: MemoryBackend, memory_limit: int | None) -> AbstractContextManager[Any]:
+    # MPS's default cap is above the Mac's RAM, so an oversized step would swap instead of raising
+    # (REFERENCE.md B): keep the probe's cap set while training. Elsewhere the allocator already raises.
+    if isinstance(backend, MPSBackend):
+        return backend.session(backend.limit(memory_limit).bytes)
+    return nullcontext()
+
+
+def resolve_device(config: TrainConfig) -> str | MemoryBackend:
+    if config.simulate is None:
+        return config.device
+    from ..simulate import simulated_backend
+
+    return simulated_backend(config.simulate)
