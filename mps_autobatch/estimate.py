@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from ._tracking import StorageBook
@@ -96,7 +96,12 @@ def _fake_copy(model: nn.Module, mode: FakeTensorMode) -> nn.Module:
 def _fake_model(model: nn.Module | Callable[[], nn.Module], mode: FakeTensorMode) -> nn.Module:
     if isinstance(model, nn.Module):
         return _fake_copy(model, mode)
-    with mode:
+    try:
+        with mode:
+            built = model()
+    except DataDependentOutputException:
+        # The constructor reads a tensor's value (timm's drop-path schedules call .item()), which fake
+        # tensors cannot answer: build it for real, parameters only, and copy it onto fake tensors.
         built = model()
     if not isinstance(built, nn.Module):
         raise TypeError(f"model factory must return an nn.Module, got {type(built).__name__}.")

@@ -90,3 +90,21 @@ def test_bad_arguments_raise_one_line_value_errors(kwargs: dict, message: str) -
 def test_grid_checks_every_batch_size() -> None:
     with pytest.raises(ValueError, match=re.escape("batch_size must be >= 1, got 0.")):
         estimate_grid(_tiny, input_shapes=[(3, 2, 2)], batch_sizes=[4, 0], num_classes=4)
+
+
+class _ReadsATensorValue(nn.Module):
+    """Like timm's drop-path schedules: the constructor calls .item(), which fake tensors cannot answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rate = torch.linspace(0, 0.1, 3)[1].item()
+        self.fc = nn.Linear(12, 4)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_a_factory_whose_constructor_reads_tensor_values_is_still_estimated() -> None:
+    estimate = estimate_peak(_ReadsATensorValue, input_shape=(3, 2, 2), batch_size=8, num_classes=4)
+    measured = measure_peak(_ReadsATensorValue(), input_shape=(3, 2, 2), batch_size=8, num_classes=4)
+    assert estimate.peak_bytes == measured

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,9 @@ import typer
 from .. import _cli_common as _cli
 
 __all__ = ["register"]
+
+# DataLoader warns, and slows down, with more workers than cores.
+DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print only the result as JSON on stdout.")]
 CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", help="A run's last.pt or best.pt.")]
@@ -106,7 +110,9 @@ def train_command(
         int | None, typer.Option(help="Release the allocator's cache every K updates (default 10 on MPS, else 0).")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seeds weights, data order and augmentation.")] = 0,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 4,
+    workers: Annotated[
+        int, typer.Option(help="Data-loading processes (default: 4, or fewer on fewer cores).")
+    ] = DEFAULT_WORKERS,
     dev_mode: Annotated[bool, typer.Option(help="Train on a small stratified subset (--dev-samples).")] = False,
     dev_samples: Annotated[int | None, typer.Option(help="Training images in --dev-mode (default 500).")] = None,
     val_fraction: Annotated[float, typer.Option(help="Share of the training split held out for validation.")] = 0.1,
@@ -184,7 +190,9 @@ def evaluate_command(
     data_dir: Annotated[str | None, typer.Option(help="Where the dataset is now, if it moved.")] = None,
     device: _cli.DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per evaluation batch.")] = 64,
-    workers: Annotated[int, typer.Option(help="Data-loading processes.")] = 4,
+    workers: Annotated[
+        int, typer.Option(help="Data-loading processes (default: 4, or fewer on fewer cores).")
+    ] = DEFAULT_WORKERS,
 ) -> None:
     """Top-1 and top-5 accuracy of a checkpoint on its run's validation or test split (JSON on stdout)."""
     from .inference import evaluate_checkpoint

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,7 +97,7 @@ class TrainConfig:
     memory_limit: str | None = None
     empty_cache_every: int | None = None
     seed: int = 0
-    workers: int = 4
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
     dev_samples: int | None = None
     val_fraction: float = 0.1
     download: bool = False
