@@ -24,7 +24,7 @@ from ._cli_common import (
     err,
 )
 from ._units import parse_size
-from .devices import MemoryBackend, get_backend
+from .devices import MemoryBackend, available_devices, get_backend
 from .errors import AutobatchError
 from .train.commands import register as register_trainer
 
@@ -50,17 +50,25 @@ def info(device: DeviceOpt = "auto", simulate: SimulateOpt = None) -> None:
     with _reported():
         backend = get_backend(_backend(device, simulate))
         limit = backend.limit()
-        rows = [("device", backend.name), ("torch", torch.__version__)]
+        rows = [
+            ("devices found", ", ".join(available_devices())),
+            ("device", backend.name),
+            ("torch", torch.__version__),
+        ]
         if isinstance(backend, MPSBackend):
             recommended, source = backend.recommended_max_bytes()
             ratio, ratio_source = backend.watermark_ratio()
-            total, available = backend._host_memory()
+            total, available = backend.ram_bytes()
             rows += [
                 ("recommended max", f"{format_bytes(recommended)} ({source})"),
                 ("watermark ratio", f"{ratio:.2f} ({ratio_source})"),
                 ("unified memory", f"{format_bytes(total)} total, {format_bytes(available)} available"),
             ]
-        rows += [("limit", format_bytes(limit.bytes)), ("limit source", limit.source)]
+        rows += [
+            ("in use now", format_bytes(backend.in_use_bytes())),
+            ("limit", format_bytes(limit.bytes)),
+            ("limit source", limit.source),
+        ]
     for name, value in rows:
         typer.echo(f"{name:>16}: {value}")
 

@@ -29,6 +29,7 @@ __all__ = [
     "MemoryBackend",
     "MemoryLimit",
     "PeakWindow",
+    "available_devices",
     "get_backend",
 ]
 
@@ -97,6 +98,10 @@ class MemoryBackend:
     def identity(self) -> str:
         """What distinguishes this device's memory behaviour from another's (for caching answers)."""
         return self.name
+
+    def in_use_bytes(self) -> int:
+        """What this process holds on the device now, in the counter the limit applies to."""
+        raise NotImplementedError
 
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:
@@ -226,6 +231,13 @@ class MPSBackend(MemoryBackend):
         recommended, _ = self.recommended_max_bytes()
         return f"{self.name}:{total}:{recommended}"
 
+    def in_use_bytes(self) -> int:
+        return int(self._mps.driver_allocated_memory())
+
+    def ram_bytes(self) -> tuple[int, int]:
+        """(total, available) unified memory: the Mac's RAM."""
+        return self._host_memory()
+
     def _has_peak_stats(self) -> bool:
         # torch >= 2.13 keeps allocator peaks for MPS behind torch.accelerator; earlier versions raise
         # "Allocator for mps is not a DeviceAllocator", and a CUDA build without a GPU returns 0.
@@ -301,6 +313,9 @@ class CUDABackend(MemoryBackend):
     def identity(self) -> str:
         properties = torch.cuda.get_device_properties(self._index)
         return f"cuda:{properties.name}:{properties.total_memory}"
+
+    def in_use_bytes(self) -> int:
+        return int(torch.cuda.memory_reserved(self._index))
 
     def _fraction(self) -> float:
         read = getattr(torch.cuda, "get_per_process_memory_fraction", None)
@@ -379,6 +394,10 @@ class CPUBackend(MemoryBackend):
     def identity(self) -> str:
         return f"cpu:{platform.machine()}:{self._host_memory()[0]}"
 
+    def in_use_bytes(self) -> int:
+        """The live tensor bytes counted in an open session, else the process's resident set."""
+        return self._live if self._book is not None else int(psutil.Process().memory_info().rss)
+
     def limit(self, memory_limit: int | None = None) -> MemoryLimit:
         total, available = self._host_memory()
         if memory_limit is not None:
@@ -431,6 +450,16 @@ _AVAILABILITY: dict[str, Callable[[], bool]] = {
     "cuda": CUDABackend.is_available,
     "cpu": CPUBackend.is_available,
 }
+
+
+def available_devices() -> list[str]:
+    """The device kinds usable here, in the order ``device="auto"`` tries them.
+
+    Example:
+        >>> "cpu" in available_devices()
+        True
+    """
+    return [kind for kind in BACKENDS if _AVAILABILITY[kind]()]
 
 
 def get_backend(device: str | MemoryBackend = "auto") -> MemoryBackend:

@@ -65,6 +65,8 @@ def test_info_on_the_simulated_mac():
     assert "recommended max: 10.67 GiB (recommendedMaxWorkingSetSize)" in result.stdout
     assert "watermark ratio: 1.70 (default)" in result.stdout
     assert "limit: 12.00 GiB" in result.stdout
+    assert "in use now: 64.00 MiB" in result.stdout  # the simulated Mac's other allocations, nothing else yet
+    assert "devices found: " in result.stdout and "cpu" in result.stdout
 
 
 def test_the_console_script_runs_as_a_subprocess():

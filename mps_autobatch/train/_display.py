@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import psutil
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from ..devices import CUDABackend, MemoryBackend, MPSBackend
+from ..devices import MemoryBackend
 
 __all__ = ["Display", "memory_bytes"]
 
 
 def memory_bytes(backend: MemoryBackend) -> int | None:
-    """What the run holds on its device now: driver memory on MPS (what the limit is checked against),
-    reserved memory on CUDA, the resident set on CPU."""
-    if isinstance(backend, MPSBackend):
-        # MemoryBackend has no reading outside a measure() window; the MPS one reads its torch.mps stand-in.
-        return int(backend._mps.driver_allocated_memory())
-    if isinstance(backend, CUDABackend):
-        return int(torch.cuda.memory_reserved(backend.device))
-    return int(psutil.Process().memory_info().rss)
+    """What the run holds on its device now (driver memory on MPS, reserved on CUDA)."""
+    return backend.in_use_bytes()
 
 
 def _gib(size: int | None) -> str:
