@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import platform
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,10 +78,10 @@ def _positive(value: int | float | None) -> int | None:
     return int(value) if value else None
 
 
-class MemoryBackend:
+class MemoryBackend(ABC):
     """What the search needs from a device: a limit, peak readings, cleanup, and a cap while probing.
 
-    Subclasses set ``name`` and ``device`` and override the methods below.
+    Subclasses set ``name`` and ``device`` and implement the abstract methods.
     """
 
     name: str = "base"
@@ -91,33 +92,31 @@ class MemoryBackend:
         """Whether this kind of device can be used in this process."""
         return False
 
+    @abstractmethod
     def limit(self, memory_limit: int | None = None) -> MemoryLimit:
         """The limit the whole process's memory on this device is held to."""
-        raise NotImplementedError
 
     def identity(self) -> str:
         """What distinguishes this device's memory behaviour from another's (for caching answers)."""
         return self.name
 
+    @abstractmethod
     def in_use_bytes(self) -> int:
         """What this process holds on the device now, in the counter the limit applies to."""
-        raise NotImplementedError
 
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:
         """Hold the process to ``limit_bytes`` while probing, and undo it afterwards."""
         yield
 
-    @contextmanager
-    def measure(self) -> Iterator[PeakWindow]:
+    @abstractmethod
+    def measure(self) -> AbstractContextManager[PeakWindow]:
         """Measure the peak of the block; the window is filled in when the block ends normally."""
-        raise NotImplementedError
-        yield PeakWindow()  # pragma: no cover
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - a no-op by default: the CPU has no queue
         """Wait for queued device work, so clocks and counters are read after it."""
 
-    def clear_cache(self) -> None:
+    def clear_cache(self) -> None:  # noqa: B027 - a no-op by default: the CPU has no allocator cache
         """Release the allocator's idle cached memory (and reset peak statistics where kept).
 
         No garbage collection here: a full collection costs 0.2 s in a process that has imported timm,
