@@ -140,7 +140,7 @@ def _probe_or_cached(
     *,
     use_cache: bool,
     quiet: bool,
-    isolate: bool,
+    isolate: bool | None,
     trial_timeout_s: float,
 ) -> tuple[ProbeResult, bool]:
     """Reuse a cached answer when one was found under a limit no larger than today's; else probe and store."""
@@ -161,7 +161,8 @@ def _probe_or_cached(
             return hit, True
     on_trial, status = _progress(not quiet and err.is_terminal)
     with status if status is not None else nullcontext():
-        if isolate:
+        # A real Mac can abort the process on some Metal failures (pytorch#84039): isolate there by default.
+        if isolate if isolate is not None else backend.name == "mps":
             from .isolate import find_safe_batch_size_isolated
 
             factory = functools.partial(_create_model, model, settings["num_classes"])

@@ -161,7 +161,7 @@ def probe(
             settings,
             use_cache=not no_cache,
             quiet=as_json,
-            isolate=isolate if isolate is not None else backend.name == "mps",
+            isolate=isolate,
             trial_timeout_s=trial_timeout,
         )
         if plot is not None:

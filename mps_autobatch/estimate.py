@@ -24,7 +24,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from ._tracking import StorageBook
+from .devices import CPUBackend
 from .workload import AMP_DTYPES, OPTIMIZERS, make_workload
 
 __all__ = ["Estimate", "estimate_grid", "estimate_peak", "measure_peak"]
@@ -283,28 +283,17 @@ def measure_peak(
         ...     model, input_shape=(3, 2, 2), batch_size=8, num_classes=4).peak_bytes
         True
     """
-    live = peak = 0
-
-    def on_alloc(nbytes: int) -> int:
-        nonlocal live, peak
-        live += nbytes
-        peak = max(peak, live)
-        return nbytes
-
-    def on_free(nbytes: object) -> None:
-        nonlocal live
-        live -= int(nbytes)  # type: ignore[call-overload]
-
+    backend = CPUBackend()  # the repeatable CPU measure: live tensor bytes, storage by storage
     workload = make_workload(
         model,
-        device=_CPU,
+        device=backend.device,
         input_shape=input_shape,
         num_classes=num_classes,
         optimizer=optimizer,
         amp=amp,  # type: ignore[arg-type]
     )
-    with workload, StorageBook(on_alloc, on_free, adopt_inputs=True):
+    with workload, backend.session(backend.limit().bytes):
         workload.step(batch_size)
-        peak = live
-        workload.step(batch_size)
-    return peak
+        with backend.measure() as window:
+            workload.step(batch_size)
+    return window.peak_bytes or 0

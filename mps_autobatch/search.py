@@ -203,11 +203,18 @@ class _Search:
         points = ((t.batch_size, reading(t)) for t in self.trials)
         return sorted((size, value) for size, value in points if value is not None)
 
-    def line_for(self, target: int, reading: Callable[[Trial], int | None] | None = None) -> Line | None:
-        """The line through the measured points nearest ``target``: bracketing it when possible."""
-        points = self._points(reading or self.peak)
+    def _around(
+        self, target: int, reading: Callable[[Trial], int | None]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The measured points at or under ``target``, and those over it at larger sizes, by size."""
+        points = self._points(reading)
         below = [p for p in points if p[1] <= target]
         above = [p for p in points if p[1] > target and (not below or p[0] > below[-1][0])]
+        return below, above
+
+    def line_for(self, target: int, reading: Callable[[Trial], int | None] | None = None) -> Line | None:
+        """The line through the measured points nearest ``target``: bracketing it when possible."""
+        below, above = self._around(target, reading or self.peak)
         if below and above:
             return _line(below[-1], above[0])
         if len(below) >= 2:
@@ -227,9 +234,8 @@ class _Search:
         nearest points on each side are tried too. The search aims at the lowest crossing inside the
         bracket and stops only when the largest size that fits is close to the highest.
         """
+        below, above = self._around(target, reading)
         points = self._points(reading)
-        below = [p for p in points if p[1] <= target]
-        above = [p for p in points if p[1] > target and (not below or p[0] > below[-1][0])]
         pairs = [(below[-1], above[0])] if below and above else []
         pairs += [(below[-2], below[-1])] if len(below) >= 2 else []
         pairs += [(above[0], above[1])] if len(above) >= 2 else []

@@ -65,7 +65,7 @@ def _finder(model: str, *, use_cache: bool) -> Any:
             settings,
             use_cache=use_cache,
             quiet=False,
-            isolate=backend.name == "mps",
+            isolate=None,
             trial_timeout_s=600.0,
         )
         if cached:
