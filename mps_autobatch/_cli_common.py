@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from . import distributed
 from .devices import MemoryBackend
 from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits
 from .results import ProbeResult, Trial
@@ -152,11 +153,8 @@ def _probe_or_cached(
     # so a default limit that drifts with free memory keeps hitting.
     key = _cache_key(backend, {"model": model, **{k: v for k, v in settings.items() if k != "memory_limit"}})
     if use_cache:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", AutobatchWarning)
-            hit = cache.load(key, limit.bytes)
-        for warning in caught:
-            err.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+        # Under torchrun rank 0 reads the cache and tells the others, so every rank probes, or none does.
+        hit = distributed.rank_zero_decides(functools.partial(_cached, key, limit.bytes))
         if hit is not None:
             return hit, True
     on_trial, status = _progress(not quiet and err.is_terminal)
@@ -172,6 +170,17 @@ def _probe_or_cached(
         else:
             net = _create_model(model, settings["num_classes"])
             result = find_safe_batch_size(net, device=backend, on_trial=on_trial, **settings)
-    if use_cache:
+    if use_cache and distributed.rank_and_world()[0] == 0:
         cache.store(key, result)
     return result, False
+
+
+def _cached(key: dict[str, Any], limit_bytes: int) -> ProbeResult | None:
+    from . import cache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", AutobatchWarning)
+        hit = cache.load(key, limit_bytes)
+    for warning in caught:
+        err.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+    return hit

@@ -86,6 +86,8 @@ class MemoryBackend(ABC):
 
     name: str = "base"
     device: torch.device = torch.device("cpu")
+    shares_host_memory: bool = False
+    """Its memory is the host's RAM, which every process on the host draws from (CPU, a Mac)."""
 
     @staticmethod
     def is_available() -> bool:
@@ -142,6 +144,7 @@ class MPSBackend(MemoryBackend):
     """
 
     name = "mps"
+    shares_host_memory = True
 
     def __init__(
         self,
@@ -378,6 +381,7 @@ class CPUBackend(MemoryBackend):
     """
 
     name = "cpu"
+    shares_host_memory = True
     device = torch.device("cpu")
 
     def __init__(self, host_memory: HostMemory = _host_memory) -> None:

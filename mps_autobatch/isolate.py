@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from ._units import parse_size
 from .devices import get_backend
 from .errors import NoBatchSizeFits
@@ -336,6 +337,17 @@ def find_safe_batch_size_isolated(
         >>> result.max_batch_size, [t.outcome for t in result.trials][-1]
         (4096, 'ok')
     """
+    try:
+        result = _search_in_children(target_factory, trial_timeout_s, kwargs)
+    except Exception as exc:
+        distributed.share_failure(exc)  # under torchrun, the other ranks stop with it
+        raise
+    return distributed.agree_on_probe(result)
+
+
+def _search_in_children(
+    target_factory: Callable[[], Target], trial_timeout_s: float, kwargs: dict[str, Any]
+) -> ProbeResult:
     on_trial: Callable[[Trial], None] | None = kwargs.pop("on_trial", None)
     _check(target_factory, trial_timeout_s, kwargs)
     multiple_of = kwargs.get("multiple_of", 1)

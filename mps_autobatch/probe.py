@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
+from . import distributed
 from ._units import parse_size
-from .devices import MemoryBackend, get_backend
+from .devices import MemoryBackend, MemoryLimit, get_backend
 from .results import ProbeResult, Trial
 from .search import search
 from .workload import AMP_DTYPES, OptimizerSpec, make_workload
@@ -125,7 +127,7 @@ def find_safe_batch_size(
     _check_arguments(headroom, requested, max_batch_size, multiple_of, steps_per_trial, amp, objective)
     limit_bytes = parse_size(memory_limit) if memory_limit is not None else None
     backend = get_backend(device)
-    limit = backend.limit(limit_bytes)
+    limit = _split_between_local_ranks(backend, backend.limit(limit_bytes), explicit=limit_bytes is not None)
     workload = make_workload(
         target,
         device=backend.device,
@@ -138,7 +140,7 @@ def find_safe_batch_size(
     )
     try:
         with workload, backend.session(limit.bytes):
-            return search(
+            result = search(
                 workload,
                 backend,
                 limit,
@@ -151,5 +153,24 @@ def find_safe_batch_size(
                 objective=objective,
                 on_trial=on_trial,
             )
+    except BaseException as exc:
+        # The failed step's frames hold its batch and activations until the caller lets go of the error, and
+        # would then land in the cache emptied below: free them now (the traceback keeps its lines).
+        traceback.clear_frames(exc.__traceback__)
+        if isinstance(exc, Exception):
+            distributed.share_failure(exc)  # the other ranks stop with it instead of waiting for this one
+        raise
     finally:
         backend.clear_cache()  # after the workload let go of its optimizer: leave no cached buffers behind
+    return distributed.agree_on_probe(result)
+
+
+def _split_between_local_ranks(backend: MemoryBackend, limit: MemoryLimit, *, explicit: bool) -> MemoryLimit:
+    """Under torchrun, ranks on one host share its RAM (CPU, a Mac): each gets its share of the default limit.
+
+    An explicit ``memory_limit`` is taken as this rank's own.
+    """
+    ranks = distributed.local_world_size()
+    if explicit or ranks == 1 or not backend.shares_host_memory:
+        return limit
+    return MemoryLimit(limit.bytes // ranks, f"{limit.source}, split between {ranks} ranks on this host")

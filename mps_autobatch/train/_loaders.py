@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import TrainConfig
 
@@ -59,18 +59,21 @@ class EpochBatches:
     """The training order: a seeded permutation per epoch, cut into full batches, from any position.
 
     ``set_position(epoch, start)`` picks the epoch and how many of its batches to skip (a resumed run);
-    the order depends only on (seed, epoch), never on workers or the global RNG.
+    the order depends only on (seed, epoch), never on workers or the global RNG. Under torchrun each
+    global batch is ``batch_size x ranks`` samples and rank r takes the r-th slice of it, so N ranks see
+    exactly the samples one process would with an N times larger batch.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, ranks: int = 1) -> None:
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.ranks = rank, ranks
         self.epoch, self.start = 0, 0
 
     def set_position(self, epoch: int, start: int) -> None:
         self.epoch, self.start = epoch, start
 
     def batches_per_epoch(self) -> int:
-        return self.num_samples // self.batch_size  # drop_last: every update sees a full batch
+        return self.num_samples // (self.batch_size * self.ranks)  # drop_last: every update sees a full batch
 
     def __len__(self) -> int:
         return self.batches_per_epoch() - self.start
@@ -78,7 +81,8 @@ class EpochBatches:
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist()
         for batch in range(self.start, self.batches_per_epoch()):
-            chunk = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            first = (batch * self.ranks + self.rank) * self.batch_size
+            chunk = order[first : first + self.batch_size]
             yield [(self.epoch, index) for index in chunk]
 
 
@@ -98,18 +102,30 @@ def _loader_options(workers: int, pin_memory: bool, spawn: bool, seed: int) -> d
 
 
 def train_loader(
-    dataset: Dataset, batch_size: int, *, seed: int, workers: int, pin_memory: bool, spawn: bool
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    workers: int,
+    pin_memory: bool,
+    spawn: bool,
+    rank: int = 0,
+    ranks: int = 1,
 ) -> tuple[DataLoader, EpochBatches]:
-    """The training loader (optimisation batches of ``batch_size``) and the sampler that positions it."""
-    sampler = EpochBatches(len(dataset), batch_size, seed)  # type: ignore[arg-type]
+    """The training loader (this rank's optimisation batches of ``batch_size``) and the sampler that positions it."""
+    sampler = EpochBatches(len(dataset), batch_size, seed, rank, ranks)  # type: ignore[arg-type]
     loader = DataLoader(
         _EpochIndexed(dataset), batch_sampler=sampler, **_loader_options(workers, pin_memory, spawn, seed)
     )
     return loader, sampler
 
 
-def eval_loader(dataset: Dataset, batch_size: int, *, workers: int, pin_memory: bool, spawn: bool) -> DataLoader:
-    """The evaluation loader: every sample once, in order."""
+def eval_loader(
+    dataset: Dataset, batch_size: int, *, workers: int, pin_memory: bool, spawn: bool, rank: int = 0, ranks: int = 1
+) -> DataLoader:
+    """The evaluation loader: every sample once, in order (under torchrun, every ``ranks``-th from ``rank``)."""
+    if ranks > 1:
+        dataset = Subset(dataset, range(rank, len(dataset), ranks))  # type: ignore[arg-type]
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, **_loader_options(workers, pin_memory, spawn, 0))
 
 

@@ -8,8 +8,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from .. import distributed
 from ..accumulation import micro_batch_sizes
 from ..devices import MemoryBackend
 from ..errors import AutobatchError
@@ -91,6 +93,9 @@ def _put_back(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         buffer.copy_(value)
 
 
+_OK, _OUT_OF_MEMORY, _FAILED = 0, 1, 2  # one rank's outcome of a pass; the ranks act on the worst
+
+
 def forward_backward_retrying(
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scaler: torch.amp.GradScaler | None,
@@ -105,16 +110,34 @@ def forward_backward_retrying(
 
     A failed pass leaves partial gradients, moved BatchNorm running statistics and advanced RNGs: all three
     are put back before the re-run, so it computes what a run at the smaller micro-batch would have.
+
+    Under DDP (``model`` a `DistributedDataParallel`) the pass accumulates gradients locally (``no_sync``),
+    the ranks then vote on its outcome, and only after all succeeded are the gradients averaged. A rank
+    that runs out of memory makes every rank halve together; one that fails otherwise stops them all.
+    Syncing inside ``backward()`` instead would leave the other ranks waiting in its all-reduce for a
+    rank that had already failed.
     """
     stats, rng, first = _norm_stats(model), rng_state(backend.device), micro
+    accumulate = model.no_sync if isinstance(model, DistributedDataParallel) else nullcontext
     for retry in range(MAX_OOM_RETRIES + 1):
+        message = "another rank ran out of memory"
         try:
-            return _forward_backward(forward, scaler, images, labels, micro), micro
+            with accumulate():
+                loss = _forward_backward(forward, scaler, images, labels, micro)
+            outcome = _OK
         except Exception as exc:
             if not is_oom_error(exc):
+                distributed.agree_max(_FAILED)  # release the other ranks from their vote, then stop
                 raise
             # The allocator's numbers, without MPS's hint to lift the limit (the cap is there on purpose).
             message = str(exc).splitlines()[0].split(" Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")[0]
+            outcome = _OUT_OF_MEMORY
+        worst = distributed.agree_max(outcome)
+        if worst == _FAILED:
+            raise AutobatchError("Another rank failed during the training step; its error is in that rank's output.")
+        if worst == _OK:
+            distributed.average_gradients(model.parameters())
+            return loss, micro
         # Outside the except block: the traceback, and the activations its frames pinned, are gone.
         model.zero_grad(set_to_none=True)
         _put_back(stats)
@@ -182,5 +205,8 @@ def evaluate(
             totals += _score(model, images[chunk], labels[chunk], device, amp, channels_last)
         count += len(labels)
     model.train(was_training)
-    loss, top1, top5 = (totals / max(count, 1)).tolist()
-    return {"loss": loss, "top1": top1, "top5": top5, "images": count}
+    # Under torchrun each rank scored its share of the split (`eval_loader`): add them up.
+    summed = distributed.sum_over_ranks(torch.cat([totals, torch.tensor([float(count)], dtype=totals.dtype)]))
+    loss, top1, top5, images = summed.tolist()
+    loss, top1, top5 = (value / max(images, 1) for value in (loss, top1, top5))
+    return {"loss": loss, "top1": top1, "top5": top5, "images": int(images)}

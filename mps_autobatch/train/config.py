@@ -32,6 +32,7 @@ RESUME_FIELDS: tuple[str, ...] = (
     "seed",
     "val_fraction",
     "dev_samples",
+    "sync_bn",
 )
 
 _DEFAULT_LR = {"adamw": 1e-3, "sgd": 0.05}
@@ -75,6 +76,7 @@ class TrainConfig:
         checkpoint_every: also write last.pt every K updates within an epoch (0: at epoch ends only).
         stop_after: stop after this many updates in this invocation, writing last.pt (continue with resume).
         probe_cache: reuse a cached probe answer for batch_size="auto".
+        sync_bn: under torchrun on CUDA, BatchNorm statistics over the global batch (SyncBatchNorm).
     """
 
     dataset: str = "food-101"
@@ -106,6 +108,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     stop_after: int | None = None
     probe_cache: bool = True
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         _check_sizes(self)
