@@ -1,3 +1,21 @@
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One OpenMP thread for a module's tests, restored afterwards.
+
+    Two OpenMP threads on two shared cores spin-wait each other when other processes compete (a step measured
+    100x slower than with one thread); one thread also sums in the same order as a subprocess with
+    OMP_NUM_THREADS=1, so weights compare equal.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

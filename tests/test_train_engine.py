@@ -26,14 +26,7 @@ QUIET = Display(quiet=True)
 TINY = ["--model", "test_efficientnet", "--image-size", "32", "--workers", "0"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two OpenMP threads on two shared cores spin-wait each other when other processes compete: a step
-    # measured 100x slower than with one thread. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._interrupts import TrainingInterrupted as TrainingInterrupted
     from .config import TrainConfig as TrainConfig
     from .engine import TrainingOutOfMemory as TrainingOutOfMemory
     from .engine import TrainResult as TrainResult
@@ -22,12 +23,21 @@ if TYPE_CHECKING:
     from .inference import evaluate_checkpoint as evaluate_checkpoint
     from .inference import predict as predict
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingOutOfMemory", "evaluate_checkpoint", "predict", "train"]
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingInterrupted",
+    "TrainingOutOfMemory",
+    "evaluate_checkpoint",
+    "predict",
+    "train",
+]
 
 # Where each public name lives.
 _HOMES = {
     "TrainConfig": "config",
     "TrainResult": "engine",
+    "TrainingInterrupted": "_interrupts",
     "TrainingOutOfMemory": "engine",
     "train": "engine",
     "evaluate_checkpoint": "inference",

@@ -19,7 +19,7 @@ from ..accumulation import plan_accumulation
 from ..devices import MemoryBackend, MPSBackend
 from ..errors import AutobatchError
 from ..results import ProbeResult
-from .checkpoint import load_checkpoint
+from .checkpoint import UnreadableCheckpoint, load_checkpoint, remove_temporary_files
 from .config import TrainConfig
 
 __all__ = [
@@ -161,13 +161,21 @@ def prepare_output(config: TrainConfig) -> dict[str, Any] | None:
     if not config.resume:
         if last.exists():
             raise ValueError(f"{str(folder)!r} already holds a run. Pass --resume to continue it, or another --output.")
+        remove_temporary_files(folder)  # a first run killed while writing its first last.pt
         return None
     if not last.is_file():
         raise ValueError(f"Nothing to resume: {str(last)!r} not found. Drop --resume to start a new run.")
-    saved = load_checkpoint(last)
+    try:
+        saved = load_checkpoint(last)
+    except UnreadableCheckpoint as exc:
+        fix = "Pass another --output to start a new run"
+        if (folder / "best.pt").is_file():
+            fix = "Copy best.pt over it to resume from the best epoch, or pass another --output to start a new run"
+        raise ValueError(f"Cannot resume from {str(last)!r}: {exc.reason}. {fix}.") from exc
     mismatch = config.resume_mismatch(saved["config"])
     if mismatch is not None:
         raise ValueError(f"Cannot resume {str(folder)!r}: {mismatch}. Pass the same options, or another --output.")
+    remove_temporary_files(folder)  # left by a run killed mid-write; last.pt is the last complete checkpoint
     return saved
 
 

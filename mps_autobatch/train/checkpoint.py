@@ -2,7 +2,8 @@
 
 Every file is written to a temporary file in the same folder, flushed to disk, then renamed over the
 old one (``os.replace`` is atomic on POSIX and Windows), so a crash or a full disk leaves either the old
-file or the new one, never half of one.
+file or the new one, never half of one. A process killed mid-write leaves its temporary file behind
+(``.last.pt.<random>.tmp``); `remove_temporary_files` clears them when the next run starts.
 
 Example:
     >>> import tempfile, torch
@@ -21,7 +22,9 @@ import io
 import json
 import os
 import random
+import signal
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,8 +33,11 @@ import numpy as np
 import torch
 
 __all__ = [
+    "KILL_HOOK",
     "METRIC_COLUMNS",
+    "UnreadableCheckpoint",
     "load_checkpoint",
+    "remove_temporary_files",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -58,6 +64,39 @@ METRIC_COLUMNS: tuple[str, ...] = (
 """One row per epoch in metrics.csv (and in metrics.json's "epochs")."""
 
 
+# The files a run writes with `_write_atomic`; their temporary files are ".<name>.<random>.tmp".
+_RUN_FILES = ("last.pt", "best.pt", "metrics.csv", "metrics.json")
+
+# TEST HOOK, not a feature: AUTOBATCH_TEST_KILL_BEFORE_RENAME=NAME[:N] makes the Nth write (default the 1st) of a
+# file called NAME in this process SIGKILL the process after the temporary file is written and fsynced, just
+# before the rename: "killed while writing a checkpoint", made reproducible (tests/test_train_faults.py).
+# Unset, it costs one environment lookup per file written.
+KILL_HOOK = "AUTOBATCH_TEST_KILL_BEFORE_RENAME"
+_writes: Counter[str] = Counter()
+
+
+def _kill_before_rename_hook(name: str) -> None:
+    spec = os.environ.get(KILL_HOOK)
+    if not spec:
+        return
+    target, _, count = spec.partition(":")
+    if target == name:
+        _writes[name] += 1
+        if _writes[name] == int(count or 1):
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+class UnreadableCheckpoint(ValueError):
+    """A checkpoint file that exists but cannot be loaded: ``path`` and the ``reason``."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(
+            f"Cannot read checkpoint {str(path)!r}: {reason}. Pass another checkpoint (a run folder holds "
+            "last.pt and best.pt)."
+        )
+        self.path, self.reason = path, reason
+
+
 def _write_atomic(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -66,11 +105,36 @@ def _write_atomic(path: Path, data: bytes) -> Path:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+        _kill_before_rename_hook(path.name)
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed run left in its folder (``.last.pt.<random>.tmp`` and the like).
+
+    Only a run's own files are matched; returns what was deleted. A run calls this before it writes, so no
+    writer of its own can be using them (two runs sharing one folder are not supported).
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     _ = (Path(tmp) / ".last.pt.k2j8x0.tmp").write_bytes(b"half")
+        ...     _ = (Path(tmp) / "notes.tmp").write_bytes(b"mine")
+        ...     removed = remove_temporary_files(tmp)
+        ...     left = sorted(p.name for p in Path(tmp).iterdir())
+        >>> [p.name for p in removed], left
+        (['.last.pt.k2j8x0.tmp'], ['notes.tmp'])
+    """
+    folder, removed = Path(folder), []
+    for name in _RUN_FILES:
+        for temp in sorted(folder.glob(f".{name}.*.tmp")):
+            temp.unlink(missing_ok=True)
+            removed.append(temp)
+    return removed
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
@@ -84,16 +148,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` onto the CPU.
 
     Raises:
-        ValueError: the file does not exist or is not a checkpoint.
+        ValueError: the file does not exist; `UnreadableCheckpoint` (a ValueError) when it is not a checkpoint.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"Checkpoint {str(path)!r} not found. Pass the last.pt or best.pt of a run folder.")
-    # weights_only=False: the checkpoint holds numpy and Python RNG states, which the safe loader refuses;
-    # only load checkpoints you wrote.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        # weights_only=False: the checkpoint holds numpy and Python RNG states, which the safe loader refuses;
+        # only load checkpoints you wrote.
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # damaged bytes fail in pickle, zip or torch code, each with its own exception type
+        # The first sentence: torch adds a paragraph of advice to a broken zip archive's error.
+        reason = str(exc).splitlines()[0].split(". ")[0].rstrip(".") if str(exc) else type(exc).__name__
+        raise UnreadableCheckpoint(path, f"damaged or not a torch file ({reason})") from exc
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{str(path)!r} is not an autobatch training checkpoint (no model state in it).")
+        raise UnreadableCheckpoint(path, "not an autobatch training checkpoint (no model state in it)")
     return state
 
 

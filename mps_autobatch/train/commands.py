@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 
@@ -43,6 +43,20 @@ def _reported_train() -> Iterator[None]:
             yield
         except FileNotFoundError as exc:
             raise _cli._BadInput(str(exc)) from exc
+
+
+def _check_device_and_limit(config: Any) -> None:
+    """The device, its memory limit and the MPS watermark setting, checked before any data or model is loaded.
+
+    On CPU and CUDA the trainer reads ``--memory-limit`` only when it probes, so a limit larger than the
+    machine would go unnoticed with a fixed --batch-size; elsewhere it would be found after the model is built.
+    """
+    from .._units import parse_size
+    from ..devices import get_backend
+    from ._setup import resolve_device
+
+    backend = get_backend(resolve_device(config))
+    backend.limit(parse_size(config.memory_limit) if config.memory_limit is not None else None)
 
 
 def _batch_size(text: str) -> int | Literal["auto"]:
@@ -120,6 +134,9 @@ def train_command(
     resume: Annotated[bool, typer.Option(help="Continue the run in --output from its last.pt.")] = False,
     checkpoint_every: Annotated[int, typer.Option(help="Also write last.pt every K updates (0: epoch ends).")] = 0,
     stop_after: Annotated[int | None, typer.Option(help="Stop after N updates, saving last.pt for --resume.")] = None,
+    sync_bn: Annotated[
+        bool, typer.Option("--sync-bn", help="Under torchrun on CUDA: BatchNorm statistics over all ranks.")
+    ] = False,
     no_probe_cache: Annotated[
         bool, typer.Option("--no-probe-cache", help="Probe even if a cached answer exists.")
     ] = False,
@@ -165,9 +182,26 @@ def train_command(
             resume=resume,
             checkpoint_every=checkpoint_every,
             stop_after=stop_after,
+            sync_bn=sync_bn,
         )
-        result = train(config, find_batch_size=_finder(model, use_cache=not no_probe_cache), display=Display(_cli.err))
+        _check_device_and_limit(config)
+        try:
+            finder = _finder(model, use_cache=not no_probe_cache)
+            result = train(config, find_batch_size=finder, display=Display(_cli.err))
+        except KeyboardInterrupt as exc:
+            _interrupted(exc)
     _report_training(result, as_json)
+
+
+def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C: one line saying what was saved (`TrainingInterrupted`'s message), exit code 130 as for SIGINT."""
+    from ._interrupts import TrainingInterrupted
+
+    unsaved = "Interrupted before training started: nothing saved."
+    message = str(exc) if isinstance(exc, TrainingInterrupted) else unsaved
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 saved, and speaks for every rank
+        _cli.err.print(message, highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(130)
 
 
 def _report_training(result: Any, as_json: bool) -> None:

@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..accumulation import micro_batch_sizes
 from ..devices import MemoryBackend, MPSBackend, get_backend
+from . import _interrupts
 from ._display import Display, memory_bytes
 from ._loaders import eval_loader, load_splits, train_batches
 from ._loaders import train_loader as make_train_loader
@@ -131,6 +133,7 @@ def _loop(run: _Run, state: _State) -> bool:
             return True
         started = time.perf_counter()
         images, labels = next(run.batches)
+        _interrupts.hold()  # a Ctrl-C from here waits for the update to finish: never save half of one
         loss, state.micro_batch_size = forward_backward_retrying(
             run.forward, run.scaler, run.model, run.backend, images, labels, state.micro_batch_size, on_oom
         )
@@ -138,10 +141,12 @@ def _loop(run: _Run, state: _State) -> bool:
         run.optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next forward
         if run.empty_cache_every and (state.update + 1) % run.empty_cache_every == 0:
             run.backend.clear_cache()
-        elapsed, loss_value = time.perf_counter() - started, loss.item()
+        loss_value = loss.item()  # waits for the device, so the update's time includes its GPU work
+        elapsed = time.perf_counter() - started
         state.update, state.batches_done, state.lr = state.update + 1, state.batches_done + 1, lr
         state.epoch_loss_sum, state.epoch_train_s = state.epoch_loss_sum + loss_value, state.epoch_train_s + elapsed
         updates_here += 1
+        _interrupts.release()  # raises the held Ctrl-C, if any: `train` saves this position
         run.display.step(loss_value, len(images) / elapsed, memory_bytes(run.backend))
 
 
@@ -169,6 +174,8 @@ def _record_oom(state: _State, display: Display, micro: int, new_micro: int, mes
 
 def _end_epoch(run: _Run, state: _State) -> None:
     metrics = run.evaluate(state.micro_batch_size)
+    _interrupts.hold()  # the epoch's row, position and checkpoint change together or not at all
+    _, ranks = distributed.rank_and_world()
     steps, effective = run.steps_per_epoch, state.effective_batch_size
     row: dict[str, Any] = {
         "epoch": state.epoch + 1,
@@ -178,7 +185,8 @@ def _end_epoch(run: _Run, state: _State) -> None:
         "val_loss": metrics["loss"],
         "val_top1": metrics["top1"],
         "val_top5": metrics["top5"],
-        "images_per_s": steps * effective / state.epoch_train_s if state.epoch_train_s else 0.0,
+        # Every rank trained on its own `effective` samples per update, in the same time.
+        "images_per_s": steps * effective * ranks / state.epoch_train_s if state.epoch_train_s else 0.0,
         "epoch_s": state.epoch_train_s,
         "micro_batch_size": state.micro_batch_size,
         "accumulation_steps": len(micro_batch_sizes(effective, state.micro_batch_size)),
@@ -193,9 +201,17 @@ def _end_epoch(run: _Run, state: _State) -> None:
     state.epoch, state.batches_done = state.epoch + 1, 0
     state.epoch_loss_sum, state.epoch_train_s, state.epoch_ooms = 0.0, 0.0, 0
     run.save(state, best)
+    _interrupts.release()
     run.display.end_epoch(row, run.epochs, best)
     if state.epoch < run.epochs:
         run.display.start_epoch(state.epoch, run.epochs, run.steps_per_epoch, 0)
+
+
+def _stopped(run: _Run, state: _State, folder: Path) -> _interrupts.TrainingInterrupted:
+    """After a Ctrl-C: last.pt at the last whole update (unless it came mid-update), as the exception to raise."""
+    batches = f"{state.batches_done} of {run.steps_per_epoch} batches done"
+    where = f"update {state.update} (epoch {state.epoch + 1}, {batches})"
+    return _interrupts.stop(partial(run.save, state, False), folder / "last.pt", where)
 
 
 # --- setup ------------------------------------------------------------------------------------------------
@@ -237,10 +253,15 @@ def _saver(
     return save
 
 
+def _no_save(state: _State, best: bool) -> None:
+    """Ranks other than 0 write nothing: rank 0's checkpoint and metrics hold the same weights and numbers."""
+
+
 def _make_run(
     config: TrainConfig,
     splits: Any,
     model: nn.Module,
+    net: nn.Module,
     optimizer: torch.optim.Optimizer,
     scaler: Any,
     backend: MemoryBackend,
@@ -252,10 +273,13 @@ def _make_run(
     device, channels_last = backend.device, backend.device.type == "cuda"
     # pin_memory helps CUDA only; a simulated Mac starts workers as macOS does (spawn), which also keeps
     # the simulation's tensor tracking out of them.
+    rank, ranks = distributed.rank_and_world()
     options: dict[str, Any] = {
         "workers": config.workers,
         "pin_memory": device.type == "cuda",
         "spawn": config.simulate is not None,
+        "rank": rank,
+        "ranks": ranks,
     }
     loader, sampler = make_train_loader(splits.train, state.effective_batch_size, seed=config.seed, **options)
     steps = sampler.batches_per_epoch()
@@ -272,10 +296,10 @@ def _make_run(
     val = eval_loader(splits.val, state.micro_batch_size, **options)
     every = config.empty_cache_every
     return _Run(
-        model=model,
+        model=net,
         optimizer=optimizer,
         scaler=scaler,
-        forward=partial(micro_loss, model, loss_fn, device, amp, channels_last),
+        forward=partial(micro_loss, net, loss_fn, device, amp, channels_last),
         evaluate=lambda micro: evaluate(
             model, val, device=device, amp=amp, channels_last=channels_last, batch_size=micro
         ),
@@ -288,7 +312,7 @@ def _make_run(
         checkpoint_every=config.checkpoint_every,
         stop_after=config.stop_after,
         skipped=lambda: splits.skipped,
-        save=_saver(config.output_dir, model, optimizer, scaler, static),
+        save=_saver(config.output_dir, model, optimizer, scaler, static) if rank == 0 else _no_save,
         display=display,
     )
 
@@ -322,6 +346,8 @@ def train(
         ValueError: a bad setting, a dataset too small for the batch, or a run folder that does not
             match ``resume``.
         TrainingOutOfMemory: a batch did not fit even after `MAX_OOM_RETRIES` halvings.
+        TrainingInterrupted: Ctrl-C (a KeyboardInterrupt), after saving last.pt at the last whole update
+            (``resume`` continues from there exactly); its message says what was saved.
 
     Example:
         >>> import tempfile
@@ -332,8 +358,44 @@ def train(
         >>> len(result.epochs), result.updates, result.epochs[0]["accumulation_steps"]
         (1, 2, 2)
     """
-    display = display if display is not None else Display()
     backend = get_backend(resolve_device(config))
+    started_group = distributed.init_from_env(backend.device.type)  # under torchrun: DDP
+    if distributed.is_distributed() and backend.device.type == "cuda":
+        backend = get_backend(f"cuda:{torch.cuda.current_device()}")  # this rank's GPU (LOCAL_RANK)
+    try:
+        return _train(config, backend, model, find_batch_size, display)
+    finally:
+        if started_group:
+            torch.distributed.destroy_process_group()
+
+
+def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    if device.type != "cuda":
+        raise ValueError(
+            "--sync-bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only). Drop it: on CPU each rank "
+            "keeps BatchNorm statistics of its own share of the batch."
+        )
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Broadcasts rank 0's parameters and buffers; gradients are averaged in `forward_backward_retrying`.
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _train(
+    config: TrainConfig,
+    backend: MemoryBackend,
+    model: nn.Module | None,
+    find_batch_size: BatchSizeFinder | None,
+    display: Display | None,
+) -> TrainResult:
+    rank, ranks = distributed.rank_and_world()
+    display = display if display is not None else Display()
+    if rank != 0:
+        display = Display(quiet=True)  # rank 0 reports; the others would print the same lines again
     saved = prepare_output(config)
     amp = choose_amp(config.amp, backend.device)
     data_config = model_data_config(model if model is not None else config.model)
@@ -344,25 +406,34 @@ def train(
             config.model, len(splits.classes), pretrained=config.use_pretrained, weights=config.weights
         )
     channels_last = backend.device.type == "cuda"
-    settings = probe_settings(config, len(splits.classes), amp, channels_last, len(splits.train))
+    n_train = len(splits.train) // ranks  # this rank's share of every epoch
+    settings = probe_settings(config, len(splits.classes), amp, channels_last, n_train)
     if saved is None:
         find = find_batch_size or probe_here
-        micro, effective, event = choose_batch_sizes(config, model, backend, settings, find, len(splits.train))
+        micro, effective, event = choose_batch_sizes(config, model, backend, settings, find, n_train)
     with memory_session(backend, settings["memory_limit"]):
         model.to(backend.device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
+        if config.sync_bn and ranks > 1:
+            model = _sync_batchnorm(model, backend.device)
         optimizer = make_optimizer(config.optimizer, model, lr=config.peak_lr, weight_decay=config.weight_decay)
         scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
         if saved is None:
             state = _State(micro, effective, events=[event] if event else [])
         else:
             state = _restore(saved, model, optimizer, scaler)
-        run = _make_run(config, splits, model, optimizer, scaler, backend, amp, state, display, data_config)
+        net = _data_parallel(model, backend.device) if ranks > 1 else model  # after loading: rank 0's weights win
+        run = _make_run(config, splits, model, net, optimizer, scaler, backend, amp, state, display, data_config)
         if saved is not None:
             set_rng_state(saved["rng"], backend.device)  # last: building the run may have drawn random numbers
         try:
-            stopped = state.epoch < config.epochs and _loop(run, state)
+            with _interrupts.deferred():
+                try:
+                    stopped = state.epoch < config.epochs and _loop(run, state)
+                except KeyboardInterrupt:
+                    display.close()
+                    raise _stopped(run, state, config.output_dir) from None
         finally:
             display.close()
     return TrainResult(
