@@ -26,6 +26,7 @@ from ._cli_common import (
 from ._units import parse_size
 from .devices import MemoryBackend, available_devices, get_backend
 from .errors import AutobatchError
+from .probe import _check_arguments
 from .train.commands import register as register_trainer
 
 __all__ = ["app"]
@@ -136,6 +137,8 @@ def probe(
                 raise _BadInput(f"{name} must be >= 1, got {value}.")
         if plot is not None and not plot.lower().endswith(".png"):
             raise _BadInput(f"--plot writes a PNG file; got {plot!r}. Pass e.g. --plot mem.png.")
+        # The search's own checks, before a device, the cache or a model is touched.
+        _check_arguments(headroom, requested, max_batch_size, multiple_of, steps_per_trial, amp, objective)
         backend = get_backend(_backend(device, simulate))
         settings: dict[str, Any] = {
             "input_shape": (channels, image_size, image_size),

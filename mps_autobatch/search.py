@@ -303,6 +303,9 @@ class _Search:
                 guess = (lo + hi) // 2  # the line contradicts a failure already seen (an OOM has no peak)
             else:
                 guess = math.floor(crossing if exact else crossing * (1 - _TOLERANCE / 2))
+                if guess <= lo + 1:
+                    # At small sizes the margin would creep up one size per trial: aim at the crossing itself.
+                    guess = math.floor(crossing)
         guess = max(guess, lo + 1)
         if lo > 0:
             guess = min(guess, lo * _MAX_GROWTH)
@@ -330,7 +333,23 @@ class _Search:
 
     # --- the whole search ------------------------------------------------------------------------------
     def run(self, start: int) -> tuple[str, str]:
-        self.warm_up(min(start, _SMALL_START))
+        for size in dict.fromkeys((min(start, _SMALL_START), 1)):  # when two samples do not fit, one may
+            try:
+                self.warm_up(size)
+                break
+            except Exception as exc:
+                if not is_oom_error(exc):
+                    raise
+                if size > 1:
+                    self._recover()
+                    continue
+                raise NoBatchSizeFits(
+                    f"No batch size fits in {self.limit / 2**30:.2f} GiB: the warm-up step at batch size {size} ran "
+                    f"out of memory ({str(exc).splitlines()[0]}). Use a smaller model or input, or a larger memory "
+                    "limit.",
+                    trials=(),
+                    limit_bytes=self.limit,
+                ) from exc
         strategy, note = "measure", ""
         units: int | None = start // self.m
         while units is not None:
@@ -341,6 +360,18 @@ class _Search:
                     strategy, note = "bisect", f"Fell back to crash-driven bisection: {reason}."
             units = self.next_measured() if strategy == "measure" else self.next_bisect()
         return strategy, note
+
+
+def _largest_fitting(trials: tuple[Trial, ...]) -> int | None:
+    """The largest size that fit the budget and is smaller than every size that did not.
+
+    Memory grows with the batch size; a size that reads under the budget above one that read over it
+    was measured while the allocator flushed its cache under pressure (near the limit, with find_max),
+    and training at it would run over the budget.
+    """
+    over = min((t.batch_size for t in trials if not t.fits_budget), default=None)
+    fitting = (t.batch_size for t in trials if t.fits_budget and (over is None or t.batch_size < over))
+    return max(fitting, default=None)
 
 
 def search(
@@ -385,11 +416,15 @@ def search(
     trials = tuple(state.trials)
     verified = [t.batch_size for t in trials if t.ok]
     if strategy == "measure":
-        recommended = max((t.batch_size for t in trials if t.fits_budget), default=None)
+        recommended = _largest_fitting(trials)
     else:
         recommended = (
             max(multiple_of, int((1 - headroom) * max(verified)) // multiple_of * multiple_of) if verified else None
         )
+        if recommended is not None and any(t.ok and t.peak_bytes is not None for t in trials):
+            # The counters still read each step: never above the largest size they put within the budget.
+            within = _largest_fitting(trials)
+            recommended = min(recommended, within) if within is not None else None
     if recommended is None:
         smallest = min(trials, key=lambda t: t.batch_size)
         reason = smallest.error or f"its peak of {(smallest.peak_bytes or 0) / 2**30:.2f} GiB is over the budget"

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from mps_autobatch.cli import app
@@ -30,33 +29,6 @@ def test_probe_prints_the_size_on_stdout_and_the_table_on_stderr():
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == "16"
     assert "Recommended batch size: 16" in result.stderr
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (
-            ["--model", "efficientnet_bo"],
-            "Error: Unknown timm model 'efficientnet_bo'. Did you mean 'efficientnet_b0'?",
-        ),
-        (["--image-size", "4"], "Error: --image-size must be >= 8 pixels, got 4."),
-        (["--headroom", "1.5"], "Error: headroom must be a fraction in [0, 1), got 1.5."),
-        (["--requested", "0"], "Error: requested must be >= 1, got 0."),
-        (["--memory-limit", "lots"], "Error: Cannot read the memory size 'lots'."),
-        (["--device", "tpu"], "Error: Unknown device 'tpu'. Use one of: auto, mps, cuda, cuda:N, cpu."),
-        (["--simulate", "16GiB"], "Error: Cannot read the simulation '16GiB'."),
-        (
-            ["--memory-limit", "1000TiB", "--device", "cpu"],
-            "Error: memory_limit 1024000.00 GiB is more than this machine's",
-        ),
-    ],
-)
-def test_bad_input_is_one_error_line_and_exit_code_2(args, message):
-    result = runner.invoke(app, ["probe", *args])
-    assert result.exit_code == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message)
 
 
 def test_info_on_the_simulated_mac():

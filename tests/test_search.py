@@ -4,11 +4,12 @@ import time
 
 import pytest
 import torch
+from memory_curves import curve_of
 from oom_texts import RUNTIME_OOM_TEXTS
 
 from mps_autobatch import NoBatchSizeFits, find_safe_batch_size, plan_accumulation
 from mps_autobatch.accumulation import micro_batch_sizes
-from mps_autobatch.search import first_batch_size
+from mps_autobatch.search import first_batch_size, search
 
 
 class FailsAbove:
@@ -170,3 +171,47 @@ def test_throughput_objective_recommends_the_knee_and_keeps_the_memory_answer():
 def test_unknown_objective_is_refused():
     with pytest.raises(ValueError, match=r"^Unknown objective 'speed'. Use 'memory' or 'throughput'.$"):
         find_safe_batch_size(lambda bs: None, device="cpu", objective="speed")
+
+
+# --- regressions found by tests/test_search_properties.py -------------------------------------------------------
+
+MiB = 2**20
+
+
+def test_when_two_samples_do_not_fit_the_warm_up_falls_back_to_one():
+    # A model whose step fits at 1 sample and not at 2: the uncounted warm-up at 2 ran out of memory and the
+    # search raised (the raw MPS error, then NoBatchSizeFits) instead of recommending 1.
+    _, backend, workload = curve_of([64 * MiB, 160 * MiB, 320 * MiB], limit=256 * MiB)
+    result = search(workload, backend, backend.limit(), max_batch_size=2)
+    assert (workload.warm_ups, workload.sizes) == ([2, 1], [2, 1])
+    assert [t.outcome for t in result.trials] == ["oom", "ok"]
+    assert (result.batch_size, result.max_batch_size, result.strategy) == (1, 1, "measure")
+
+
+def test_when_not_even_one_sample_warms_up_no_batch_size_fits():
+    _, backend, workload = curve_of([64 * MiB, 300 * MiB, 600 * MiB], limit=256 * MiB)
+    with pytest.raises(NoBatchSizeFits, match=r"^No batch size fits in 0.25 GiB: the warm-up step at batch size 1 ran"):
+        search(workload, backend, backend.limit(), max_batch_size=2)
+    assert (workload.warm_ups, workload.sizes) == ([2, 1], [])
+
+
+def test_crash_driven_bisection_never_recommends_a_size_measured_over_the_budget():
+    # Memory at rest is already over the budget and a step adds nothing the counter resolves: the search fell back
+    # to bisection ("the measured peak did not grow") and recommended 1, measured at 200 MiB against 128 MiB.
+    _, backend, workload = curve_of([200 * MiB] * 3, limit=256 * MiB)
+    with pytest.raises(NoBatchSizeFits, match=r"batch size 1 failed \(its peak of 0.20 GiB is over the budget\)"):
+        search(workload, backend, backend.limit(), headroom=0.5, max_batch_size=2)
+    assert workload.sizes == [2, 1]
+
+
+def test_after_a_fall_back_the_recommendation_stays_below_sizes_measured_over_the_budget():
+    # 20 MiB a sample up to 99 samples, then one allocator block more (3.8 GiB, over the 3.6 GiB budget) up to 120,
+    # then over the limit: the out-of-memory error at 128, where the line said 3.5 GiB, starts crash-driven
+    # bisection, which found 120 and recommended 90% of it (108) although it had measured 100 at 3.8 GiB.
+    peaks = [2**30 + 20 * MiB * size for size in range(100)] + [int(3.8 * 2**30)] * 21 + [5 * 2**30] * 8
+    _, backend, workload = curve_of(peaks, limit=4 * 2**30)
+    result = search(workload, backend, backend.limit(), headroom=0.1, max_batch_size=128)
+    assert result.note.startswith("Fell back to crash-driven bisection: batch size 128 ran out of memory where")
+    assert workload.sizes == [2, 16, 128, 72, 100, 114, 121, 117, 119, 120]
+    assert [t.batch_size for t in result.trials if t.ok and not t.fits_budget] == [100, 114, 117, 119, 120]
+    assert (result.strategy, result.max_batch_size, result.batch_size) == ("bisect", 120, 72)  # not 108
