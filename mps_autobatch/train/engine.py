@@ -363,7 +363,10 @@ def train(
     if distributed.is_distributed() and backend.device.type == "cuda":
         backend = get_backend(f"cuda:{torch.cuda.current_device()}")  # this rank's GPU (LOCAL_RANK)
     try:
-        return _train(config, backend, model, find_batch_size, display)
+        result = _train(config, backend, model, find_batch_size, display)
+        if started_group:
+            torch.distributed.barrier()  # no rank tears the group down while another still uses it
+        return result
     finally:
         if started_group:
             torch.distributed.destroy_process_group()
