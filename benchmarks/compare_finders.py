@@ -44,6 +44,7 @@ CASES = [
     ("efficientnet_b0", 160, 2.0, 4.0),
 ]
 COMMAND = "python -m benchmarks.compare_finders"
+FOLLOW_UP_STEPS = 20
 
 
 class Case:
@@ -263,26 +264,32 @@ def ultralytics_style(case: Case) -> dict:
 
 # --- follow-up ------------------------------------------------------------------------------------------------
 def follow_up(case: Case, size: int) -> str:
-    """20 training steps, a short last batch and an eval pass at ``size`` under the same limit."""
+    """20 training steps, a short last batch (a third) and 3 eval batches at ``size``, under the same limit.
+
+    Shared with `benchmarks.gpu_suite`: inputs go to the case's device (the CPU for the simulation).
+    """
     backend = case.backend()
     with make_workload(case.model(), device=backend.device, input_shape=case.shape) as workload:
         with backend.session(case.limit):
-            for i, batch in enumerate([size] * 20 + [max(size // 3, 1)]):
+            backend.clear_cache()
+            for i, batch in enumerate([size] * FOLLOW_UP_STEPS + [max(size // 3, 1)]):
                 try:
                     workload.step(batch)
                 except Exception as exc:
                     if not is_oom_error(exc):
                         raise
+                    workload.recover()
                     return f"OOM at step {i + 1}"
             workload.model.eval()
             try:
                 with torch.no_grad():
                     for _ in range(3):
-                        workload.model(torch.randn(size, *case.shape))
+                        workload.model(torch.randn(size, *case.shape, device=backend.device))
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
                 return "OOM in eval"
+            backend.synchronize()
     return "ok"
 
 

@@ -44,7 +44,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from benchmarks.compare_finders import Case, _first_line, _lit_module, accelerate, ours, search_truths
+from benchmarks.compare_finders import (
+    Case,
+    _first_line,
+    _lit_module,
+    accelerate,
+    follow_up,
+    ours,
+    search_truths,
+)
 from mps_autobatch.devices import CUDABackend, MemoryBackend
 from mps_autobatch.oom import is_oom_error
 from mps_autobatch.simulate import SimulatedMPS, SimulatedMPSBackend
@@ -74,7 +82,6 @@ GPU_FINDER_CASES = [
 SMOKE_FINDER_CASES = [("test_efficientnet", 64)]
 # Seconds a case is expected to take (started only when this much budget is left); 384 px costs about 3x 224.
 ESTIMATE_S = {"finders@224": 60.0, "finders@384": 90.0, "trainer": 75.0}
-FOLLOW_UP_STEPS = 20
 SYNTHETIC_TRAIN = 1_000_000  # training images of the enlarged synthetic split (generated lazily)
 
 
@@ -241,33 +248,6 @@ def ultralytics_style(case: GPUCase) -> dict[str, Any]:
     del model
     slope, intercept = np.polyfit(sizes, peaks, 1)
     return {"batch_size": max(int((0.6 * case.limit - intercept) / slope), 1), "status": "ok", "steps": len(sizes)}
-
-
-def follow_up(case: GPUCase, size: int) -> str:
-    """20 training steps, a short last batch (a third) and 3 eval batches at ``size``, under the same limit."""
-    backend = case.backend()
-    with make_workload(case.model(), device=backend.device, input_shape=case.shape) as workload:
-        with backend.session(case.limit):
-            backend.clear_cache()
-            for i, batch in enumerate([size] * FOLLOW_UP_STEPS + [max(size // 3, 1)]):
-                try:
-                    workload.step(batch)
-                except Exception as exc:
-                    if not is_oom_error(exc):
-                        raise
-                    workload.recover()
-                    return f"OOM at step {i + 1}"
-            workload.model.eval()
-            try:
-                with torch.no_grad():
-                    for _ in range(3):
-                        workload.model(torch.randn(size, *case.shape, device=backend.device))
-            except Exception as exc:
-                if not is_oom_error(exc):
-                    raise
-                return "OOM in eval"
-            backend.synchronize()
-    return "ok"
 
 
 def _timed(fn, *args, **kwargs) -> dict[str, Any]:
