@@ -215,3 +215,43 @@ def test_after_a_fall_back_the_recommendation_stays_below_sizes_measured_over_th
     assert workload.sizes == [2, 16, 128, 72, 100, 114, 121, 117, 119, 120]
     assert [t.batch_size for t in result.trials if t.ok and not t.fits_budget] == [100, 114, 117, 119, 120]
     assert (result.strategy, result.max_batch_size, result.batch_size) == ("bisect", 120, 72)  # not 108
+
+
+# Peak MiB at rest and at 1, 2, ... samples, recorded on the simulated Mac (the compare_finders cases): staircases
+# from allocator rounding, and near the limit a dip where the allocator flushes its cache.
+EFFICIENTNET_B0_160_MIB = [176, 265, 307, 383, 431, 474, 559, 607, 662, 677, 754, 862, 903, 927, 976, 986, 1068]
+EFFICIENTNET_B0_160_MIB += [1116, 1155, 1252, 1261, 1320, 1401, 1431, 1511, 1519, 1568, 1576, 1656, 1679, 1718, 1752]
+EFFICIENTNET_B0_160_MIB += [1829, 1920, 1942, 1826, 1850, 1941, 1955, 2015]
+RESNET18_128_MIB = [242, 352, 359, 365, 370, 381, 385, 396, 398, 426, 427, 438, 439, 450, 451, 460, 461, 532, 530]
+RESNET18_128_MIB += [539, 539, 550, 552, 560, 561, 595, 595, 604, 604, 614, 615, 623, 623, 711, 711, 719, 719, 729]
+RESNET18_128_MIB += [729, 737, 737, 771, 771, 781, 781, 791, 791, 799, 799, 857, 857, 865, 865, 875, 877, 885, 885]
+
+
+@pytest.mark.parametrize(
+    ("peaks_mib", "limit_mib", "sizes", "recommended"),
+    [
+        # Before: [2, 16, 25, 27, 29]. The line through 25 and 27 (two samples apart, half the slope of 16 to 27)
+        # promised 29; a line is now trusted no farther than the rise it was measured over.
+        (EFFICIENTNET_B0_160_MIB, 2048, [2, 16, 25, 27], 27),
+        # Before: [2, 9, 49, 44, 46]. Aimed 2% under the crossing, 49 landed on the next stair, over the budget;
+        # aiming at the lowest size the stopping rule accepts lands on 48, the budget truth.
+        (RESNET18_128_MIB, 1024, [2, 9, 48], 48),
+    ],
+)
+def test_recorded_staircases_take_few_steps_near_the_budget(peaks_mib, limit_mib, sizes, recommended):
+    _, backend, workload = curve_of([p * MiB for p in peaks_mib] + [2 * limit_mib * MiB], limit=limit_mib * MiB)
+    result = search(workload, backend, backend.limit())
+    assert workload.sizes == sizes
+    assert result.batch_size == recommended
+    budget_truth = next(size for size, peak in enumerate(peaks_mib) if peak > 0.8 * limit_mib) - 1
+    assert budget_truth == recommended
+
+
+def test_a_line_through_the_idle_reading_never_stops_the_search():
+    # A step with a 690 MiB workspace that the idle reading (100 MiB) does not hold, then 1 MiB a sample: the line
+    # from rest through 2 samples crosses the 819 MiB budget at 2.08, and the search used to stop there at 2.
+    peaks = [100 * MiB] + [(790 + size) * MiB for size in range(1, 64)]
+    _, backend, workload = curve_of(peaks, limit=1024 * MiB)
+    result = search(workload, backend, backend.limit())
+    assert workload.sizes == [2, 3, 24, 28]
+    assert (result.batch_size, result.fixed_bytes, result.per_sample_bytes) == (28, 790 * MiB, MiB)
