@@ -120,8 +120,10 @@ def _steady_base(below: list[tuple[int, int]], target: int) -> tuple[int, int]:
     over, while the nearest such point keeps the slope of the sizes near the target.
 
     Example:
-        >>> _steady_base([(2, 301), (16, 1043), (25, 1484), (27, 1540)], target=1600)
+        >>> _steady_base([(2, 301), (16, 1043), (25, 1484), (27, 1540)], target=1600)  # MiB
         (16, 1043)
+        >>> _steady_base([(2, 180), (16, 322), (61, 762), (64, 762)], target=800)  # 61 and 64: one stair
+        (16, 322)
     """
     top = below[-1][1]
     return next((p for p in reversed(below[:-1]) if top - p[1] >= target - top), below[-2])
