@@ -110,6 +110,16 @@ def _aim_under(crossing: float) -> int:
     return min(round(crossing * (1 - _TOLERANCE)), math.floor(crossing))
 
 
+def _ending(failed: int) -> int:
+    """The lowest size that ends the search once ``failed`` has not fit: within the tolerance of the size under it.
+
+    Example:
+        >>> _ending(46), _ending(128)
+        (44, 122)
+    """
+    return math.ceil((1 - _TOLERANCE) * (failed - 1))
+
+
 def _steady_base(below: list[tuple[int, int]], target: int) -> tuple[int, int]:
     """The point to extrapolate from with the highest one toward ``target``: the nearest that rose at
     least as far as is left to go, else the next one down.
@@ -320,7 +330,7 @@ class _Search:
         lo, hi = self._bracket(fits)
         if (self.cap is not None and lo >= self.cap) or (hi is not None and hi - lo <= 1):
             return None
-        if not exact and hi is not None and lo >= (1 - _TOLERANCE) * (hi - 1):
+        if not exact and hi is not None and lo >= _ending(hi):
             return None
         estimates = self.crossings_for(target, reading, lo, hi)
         widths = self._widths.setdefault(target, [])
@@ -341,6 +351,10 @@ class _Search:
                 guess = (lo + hi) // 2  # the line contradicts a failure already seen (an OOM has no peak)
             else:
                 guess = math.floor(crossing) if exact else _aim_under(crossing)
+                if not exact and hi is not None and 0 < lo < _ending(hi) <= optimistic:
+                    # Between a fit and a failure the stopping rule needs no line: if the lines allow it, land
+                    # where a fit ends the search rather than creep up on the budget one stair at a time.
+                    guess = _ending(hi)
                 if guess <= lo + 1:
                     # At small sizes the margin would creep up one size per trial: aim at the crossing itself.
                     guess = math.floor(crossing)

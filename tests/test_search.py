@@ -225,6 +225,10 @@ EFFICIENTNET_B0_160_MIB += [1829, 1920, 1942, 1826, 1850, 1941, 1955, 2015]
 RESNET18_128_MIB = [242, 352, 359, 365, 370, 381, 385, 396, 398, 426, 427, 438, 439, 450, 451, 460, 461, 532, 530]
 RESNET18_128_MIB += [539, 539, 550, 552, 560, 561, 595, 595, 604, 604, 614, 615, 623, 623, 711, 711, 719, 719, 729]
 RESNET18_128_MIB += [729, 737, 737, 771, 771, 781, 781, 791, 791, 799, 799, 857, 857, 865, 865, 875, 877, 885, 885]
+# regnetx_002 @ 128 under 768 MiB, recorded on the simulated Mac at 21 sizes up to 56 and linearly interpolated between.
+REGNETX_002_128_MIB = [121, 148, 155, 161, 166, 175, 184, 192, 201, 214, 228, 241, 249, 256, 264, 272, 279, 291, 302]
+REGNETX_002_128_MIB += [314, 325, 337, 348, 360, 369, 379, 388, 398, 407, 416, 426, 435, 445, 452, 460, 468, 483, 498]
+REGNETX_002_128_MIB += [502, 505, 509, 524, 539, 554, 589, 624, 626, 629, 632, 638, 644, 650, 655, 660, 685, 709, 734]
 
 
 @pytest.mark.parametrize(
@@ -236,6 +240,9 @@ RESNET18_128_MIB += [729, 737, 737, 771, 771, 781, 781, 791, 791, 799, 799, 857,
         # Before: [2, 9, 49, 44, 46]. Aimed 2% under the crossing, 49 landed on the next stair, over the budget;
         # aiming at the lowest size the stopping rule accepts lands on 48, the budget truth.
         (RESNET18_128_MIB, 1024, [2, 9, 48], 48),
+        # Before: [2, 16, 52, 46, 42, 43, 44]. Under the failure at 46, any fit from 44 up ends the search and the
+        # line through 16 and 46 allowed it; the line across the bracket aimed at 42, then crept up a size a trial.
+        (REGNETX_002_128_MIB, 768, [2, 16, 52, 46, 44], 44),
     ],
 )
 def test_recorded_staircases_take_few_steps_near_the_budget(peaks_mib, limit_mib, sizes, recommended):
