@@ -119,6 +119,18 @@ def test_a_new_run_and_a_resumed_one_delete_the_temporary_files_of_a_killed_run(
 # --- Ctrl-C -----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """Python's own SIGINT handler, whatever pytest was started with.
+
+    A shell that starts a job in the background (`nohup pytest &`) has it ignore SIGINT, `train` rightly leaves an
+    ignored SIGINT alone, and a child process inherits the ignoring; a handler set here resets to the default there.
+    """
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _model_pressing_ctrl_c(update, presses):
     """The model `train` would create, which sends itself SIGINT ``presses`` times in update ``update``'s forward."""
     seed_everything(RUN["seed"])
@@ -136,6 +148,7 @@ def _model_pressing_ctrl_c(update, presses):
     return model
 
 
+@pytest.mark.usefixtures("ctrl_c_as_in_a_terminal")
 def test_ctrl_c_finishes_the_update_saves_it_and_resume_gives_the_same_weights(tmp_path, uninterrupted, capsys):
     full, expected = uninterrupted
     out = tmp_path / "run"
@@ -157,6 +170,7 @@ def test_ctrl_c_finishes_the_update_saves_it_and_resume_gives_the_same_weights(t
     _assert_same_weights(out, expected)
 
 
+@pytest.mark.usefixtures("ctrl_c_as_in_a_terminal")
 def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, uninterrupted, capsys):
     _, expected = uninterrupted
     out = tmp_path / "run"
@@ -174,6 +188,7 @@ def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, uninterrupted
     _assert_same_weights(out, expected)
 
 
+@pytest.mark.usefixtures("ctrl_c_as_in_a_terminal")
 def test_ctrl_c_in_the_cli_prints_one_line_and_exits_130(tmp_path):
     # Three epochs of 8 updates: when last.pt first appears (after update 1) the run is far from its end.
     settings = {**RUN, "epochs": 3, "dev_samples": 128}
