@@ -100,7 +100,7 @@ def find_safe_batch_size(
         max_batch_size: never probe above this (e.g. the dataset length).
         multiple_of: only probe and recommend multiples of this.
         steps_per_trial: training steps per probe; the peak is the highest of them.
-        find_max: also find the largest size that runs at all, exactly.
+        find_max: also find the largest size that runs at all, exactly; ``batch_size`` stays what it is without.
         objective: "memory" recommends the largest size that fits; "throughput" the smallest size within
             5% of the best samples/s among those that fit (larger is not always faster on MPS).
         on_trial: called with each `Trial` as it completes (for progress displays).

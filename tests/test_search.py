@@ -262,3 +262,17 @@ def test_a_line_through_the_idle_reading_never_stops_the_search():
     result = search(workload, backend, backend.limit())
     assert workload.sizes == [2, 3, 24, 28]
     assert (result.batch_size, result.fixed_bytes, result.per_sample_bytes) == (28, 790 * MiB, MiB)
+
+
+def test_find_max_measures_the_largest_size_that_runs_without_moving_the_recommendation():
+    # 10 MiB a sample up to 70 samples, then the allocator flushes its cache and driver memory reads 7 MiB a sample
+    # from 100 MiB, under the 800 MiB budget up to 100 samples. The sizes tried toward the limit read under the
+    # budget there, and the recommendation used to follow them: 98 samples, where 60 is the budget truth.
+    peaks = [100 * MiB] + [(200 + 10 * size) * MiB if size <= 70 else (100 + 7 * size) * MiB for size in range(1, 160)]
+    _, backend, workload = curve_of(peaks, limit=1000 * MiB)
+    memory = search(workload, backend, backend.limit())
+    _, backend, workload = curve_of(peaks, limit=1000 * MiB)
+    result = search(workload, backend, backend.limit(), find_max=True)
+    assert workload.sizes == [2, 11, 58, 80, 147, 113, 128, 129]
+    assert [t.batch_size for t in result.trials if t.fits_budget] == [2, 11, 58, 80]  # 80: 660 MiB
+    assert (result.batch_size, result.max_batch_size) == (memory.batch_size, 128) == (58, 128)
