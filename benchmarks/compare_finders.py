@@ -197,23 +197,30 @@ def _lit_module(case: Case, counter: list[int], dataset: type[Dataset] = _Synthe
     return Module()
 
 
-def lightning(case: Case, mode: str, style: str) -> dict:
+def lightning_trainer(root: str, accelerator: str = "cpu", **settings):
+    """A Lightning Trainer that only tunes: one device, one epoch, no logger, checkpoints or progress output."""
     import lightning as L
+
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        **settings,
+    )
+
+
+def lightning(case: Case, mode: str, style: str) -> dict:
     from lightning.pytorch.tuner import Tuner
 
     counter = [0]
     module, backend = _lit_module(case, counter), case.backend(style)
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=root,
-        )
+        trainer = lightning_trainer(root)
         try:
             with backend.sim.tracking(), backend.session(case.limit):
                 size = Tuner(trainer).scale_batch_size(module, mode=mode)
@@ -377,6 +384,29 @@ def _status(row: dict) -> str:
     return status if status == "ok" else status.split(" (")[0].split(".")[0]  # the error's first clause
 
 
+_NUMBERS = [
+    ("batch size", "batch_size"),
+    ("/ max truth", "ratio_to_max_truth"),
+    ("/ budget truth", "ratio_to_budget_truth"),
+    ("largest verified", "max_batch_size"),
+    ("wall s", "wall_s"),
+    ("steps", "steps"),
+    ("step-equiv.", "step_equivalents"),
+]
+
+
+def finder_table(finders: dict[str, dict]) -> list[str]:
+    """The markdown table of a case's finders, a row each, "-" where a finder reported nothing (also gpu_suite's)."""
+    lines = [
+        "| finder | " + " | ".join(header for header, _ in _NUMBERS) + " | follow-up | status |",
+        "|---|" + "---:|" * len(_NUMBERS) + "---|---|",
+    ]
+    for name, row in finders.items():
+        cells = [*(row.get(key) for _, key in _NUMBERS), row.get("follow_up"), _status(row)]
+        lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Batch-size finders compared on a simulated Mac ({report['date']})",
@@ -396,23 +426,8 @@ def markdown(report: dict) -> str:
             f"Max truth {t['max_truth']}, budget truth {t['budget_truth']}, one step at the budget truth "
             f"{t['step_s_at_budget_truth']} s (truth search: {t['truth_steps']} steps, {t['wall_s']} s).",
             "",
-            "| finder | batch size | / max truth | / budget truth | largest verified | wall s | steps | step-equiv. "
-            "| follow-up | status |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+            *finder_table(case["finders"]),
         ]
-        for name, r in case["finders"].items():
-            cells = [
-                r["batch_size"],
-                r["ratio_to_max_truth"],
-                r.get("ratio_to_budget_truth"),
-                r.get("max_batch_size"),
-                r["wall_s"],
-                r["steps"],
-                r["step_equivalents"],
-                r["follow_up"],
-                _status(r),
-            ]
-            lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + " |")
         lines += ["", "Goals for ours: " + "; ".join(f"{k}: {v}" for k, v in goals(case).items()) + ".", ""]
     return "\n".join(lines)
 

@@ -49,7 +49,9 @@ from benchmarks.compare_finders import (
     _first_line,
     _lit_module,
     accelerate,
+    finder_table,
     follow_up,
+    lightning_trainer,
     ours,
     search_truths,
 )
@@ -199,7 +201,6 @@ def _quiet_lightning() -> None:
 
 def lightning(case: GPUCase, mode: str) -> dict[str, Any]:
     """Lightning's Tuner.scale_batch_size (init 2, 3 steps per trial) on a minimal module, fp32."""
-    import lightning as L
     from lightning.pytorch.tuner import Tuner
 
     _quiet_lightning()  # after the import: importing lightning.pytorch sets its logger to INFO
@@ -208,17 +209,7 @@ def lightning(case: GPUCase, mode: str) -> dict[str, Any]:
     backend = case.backend()
     module = _lit_module(case, counter, _Fixed)
     with tempfile.TemporaryDirectory() as root:
-        trainer = L.Trainer(
-            accelerator="gpu" if case.kind == "cuda" else "cpu",
-            devices=1,
-            precision="32-true",
-            max_epochs=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=root,
-        )
+        trainer = lightning_trainer(root, "gpu" if case.kind == "cuda" else "cpu", precision="32-true")
         try:
             with case.limited(backend):
                 size = Tuner(trainer).scale_batch_size(module, mode=mode)
@@ -564,24 +555,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"MiB), one step at the budget truth {t['step_s_at_budget_truth']} s (truth search: "
                 f"{t['truth_steps']} steps, {t['wall_s']} s).",
                 "",
-                "| finder | batch size | / max truth | / budget truth | wall s | steps | step-equiv. | follow-up |"
-                " status |",
-                "|---|---:|---:|---:|---:|---:|---:|---|---|",
             ]
-        for name, r in case["finders"].items():
-            cells = [
-                r["batch_size"],
-                r["ratio_to_max_truth"],
-                r["ratio_to_budget_truth"],
-                r["wall_s"],
-                r["steps"],
-                r["step_equivalents"],
-                r.get("follow_up"),
-                r.get("status", "ok"),
-            ]
-            lines.append(f"| {name} | " + " | ".join(_cell(c) for c in cells) + " |")
+        if case["finders"] or case["skipped_finders"]:
+            lines += finder_table(case["finders"])
         for skipped in case["skipped_finders"]:
-            lines.append(f"| {skipped['finder']} | skipped: {skipped['reason']} |||||||")
+            lines.append(f"| {skipped['finder']} | skipped: {skipped['reason']} |" + "|" * 8)
         lines.append("")
     trainer = report.get("trainer")
     if trainer:
