@@ -16,8 +16,10 @@ import platform
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import timm
@@ -69,23 +71,34 @@ def _first_line(exc: BaseException) -> str:
 
 
 # --- truth ----------------------------------------------------------------------------------------------------
-def _stepper(case: Case, backend: SimulatedMPSBackend, workload) -> callable:
-    seen: dict[int, tuple[int | None, float | None]] = {}
+class Stepped(NamedTuple):
+    """One measured training step: peak driver bytes and live bytes (None after an OOM), and wall seconds."""
 
-    def step(size: int) -> tuple[int | None, float | None]:
+    peak: int | None
+    allocated: int | None
+    seconds: float
+
+
+def stepper(backend, workload) -> Callable[[int], Stepped]:
+    """``step(size)``: one training step per size, each after emptying the cache (as ours' trials do), measured once;
+    ``step.seen`` holds every size it ran."""
+    seen: dict[int, Stepped] = {}
+
+    def step(size: int) -> Stepped:
         if size not in seen:
             backend.clear_cache()
             began = time.perf_counter()
             try:
                 with backend.measure() as window:
                     workload.step(size)
-                seen[size] = (window.peak_bytes, time.perf_counter() - began)
+                backend.synchronize()
+                seen[size] = Stepped(window.peak_bytes, window.allocated_bytes, time.perf_counter() - began)
             except Exception as exc:
                 if not is_oom_error(exc):
                     raise
                 workload.recover()
                 backend.clear_cache()
-                seen[size] = (None, None)
+                seen[size] = Stepped(None, None, time.perf_counter() - began)
         return seen[size]
 
     step.seen = seen  # type: ignore[attr-defined]
@@ -100,24 +113,24 @@ def _bisect(fits, low: int, high: int) -> int:
     return low
 
 
-def _bracket(seen: dict[int, tuple[int | None, float | None]], budget: int, high: int) -> tuple[int, int]:
+def _bracket(seen: dict[int, Stepped], budget: int, high: int) -> tuple[int, int]:
     """The narrowest [low, high) the sizes already stepped leave for the budget truth (peaks rise with size)."""
-    under = [size for size, (peak, _) in seen.items() if peak is not None and peak <= budget]
+    under = [size for size, (peak, _, _) in seen.items() if peak is not None and peak <= budget]
     low = max(under, default=1)
-    over = [size for size, (peak, _) in seen.items() if size > low and (peak is None or peak > budget)]
+    over = [size for size, (peak, _, _) in seen.items() if size > low and (peak is None or peak > budget)]
     return low, min(over, default=high)
 
 
 def search_truths(case: Case, backend, workload):
     """(max truth, budget truth, the stepper with every size it ran): doubling from 16, then bisection."""
     workload.warm_up(2)
-    step = _stepper(case, backend, workload)
-    ran = lambda s: step(s)[0] is not None  # noqa: E731
+    step = stepper(backend, workload)
+    ran = lambda s: step(s).peak is not None  # noqa: E731
     low, high = 1, 16
     while ran(high):
         low, high = high, high * 2
     max_truth = _bisect(ran, low, high)
-    under = lambda s: ran(s) and step(s)[0] <= case.budget  # noqa: E731
+    under = lambda s: ran(s) and step(s).peak <= case.budget  # noqa: E731
     low, high = _bracket(step.seen, case.budget, max_truth + 1)
     return max_truth, _bisect(under, low, high) if under(low) else 0, step
 
@@ -129,7 +142,7 @@ def truths(case: Case) -> dict:
             max_truth, budget_truth, step = search_truths(case, backend, workload)
             step.seen.pop(budget_truth, None)
             step(budget_truth)  # timed again with a warm cache of this shape
-            step_s = step(budget_truth)[1]
+            step_s = step(budget_truth).seconds
     return {
         "max_truth": max_truth,
         "budget_truth": budget_truth,

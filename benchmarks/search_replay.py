@@ -66,7 +66,7 @@ def record_one(model_name: str, image_size: int, limit_gib: float) -> dict:
     import timm
     import torch
 
-    from mps_autobatch.oom import is_oom_error
+    from benchmarks.compare_finders import stepper
     from mps_autobatch.simulate import SimulatedMPS, SimulatedMPSBackend
     from mps_autobatch.workload import make_workload
 
@@ -75,7 +75,6 @@ def record_one(model_name: str, image_size: int, limit_gib: float) -> dict:
     torch.manual_seed(0)
     extra = {"img_size": image_size} if model_name.startswith("deit") else {}
     model = timm.create_model(model_name, num_classes=1000, **extra)
-    rows: dict[int, tuple[int | None, int | None, float]] = {}
     with make_workload(model, device=backend.device, input_shape=(3, image_size, image_size)) as workload:
         with backend.session(limit):
             workload.warm_up(2)
@@ -83,22 +82,8 @@ def record_one(model_name: str, image_size: int, limit_gib: float) -> dict:
             with backend.measure() as idle:
                 pass
 
-            def run(size: int) -> int | None:
-                if size not in rows:
-                    backend.clear_cache()
-                    began = time.perf_counter()
-                    try:
-                        with backend.measure() as window:
-                            workload.step(size)
-                        backend.synchronize()
-                        rows[size] = (window.peak_bytes, window.allocated_bytes, time.perf_counter() - began)
-                    except Exception as exc:
-                        if not is_oom_error(exc):
-                            raise
-                        workload.recover()
-                        backend.clear_cache()
-                        rows[size] = (None, None, time.perf_counter() - began)
-                return rows[size][0]
+            step = stepper(backend, workload)
+            run = lambda size: step(size).peak  # noqa: E731
 
             if model_name in _DENSE:
                 for size in _DENSE[model_name]:
@@ -119,7 +104,7 @@ def record_one(model_name: str, image_size: int, limit_gib: float) -> dict:
         "limit": limit,
         "idle_peak": idle.peak_bytes,
         "idle_alloc": idle.allocated_bytes,
-        "rows": sorted([size, *row] for size, row in rows.items()),
+        "rows": sorted([size, *row] for size, row in step.seen.items()),
     }
 
 
