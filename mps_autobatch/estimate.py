@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,8 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 from torch.distributed._tools.mem_tracker import MemTracker
 
 from .devices import CPUBackend
-from .workload import AMP_DTYPES, OPTIMIZERS, make_workload
+from .step import AMP_DTYPES, TrainingStep
+from .workload import OPTIMIZERS, make_workload
 
 __all__ = ["Estimate", "estimate_grid", "estimate_peak", "measure_peak"]
 
@@ -118,14 +118,10 @@ def _fake_step(
     num_classes: int,
     amp: str | None,
 ) -> None:
-    """One training step as `ModuleWorkload.step` runs it (no GradScaler: its few scalars are noise)."""
+    """The `TrainingStep` `ModuleWorkload.step` runs, on fake tensors (no GradScaler: its few scalars are noise)."""
     inputs = torch.randn(batch_size, *input_shape, device=_CPU)
     targets = torch.randint(num_classes, (batch_size,), device=_CPU)
-    with torch.autocast("cpu", dtype=AMP_DTYPES[amp]) if amp else nullcontext():
-        loss = nn.functional.cross_entropy(model(inputs), targets)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    TrainingStep(model, optimizer, nn.functional.cross_entropy, amp=amp, device=_CPU)(inputs, targets)
 
 
 def _trace(

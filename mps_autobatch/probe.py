@@ -14,7 +14,8 @@ from ._units import parse_size
 from .devices import MemoryBackend, MemoryLimit, get_backend
 from .results import ProbeResult, Trial
 from .search import search
-from .workload import AMP_DTYPES, OptimizerSpec, make_workload
+from .step import AMP_DTYPES
+from .workload import OptimizerSpec, make_workload
 
 __all__ = ["find_safe_batch_size"]
 
@@ -60,7 +61,7 @@ def find_safe_batch_size(
     input_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    optimizer: OptimizerSpec = "adamw",
+    optimizer: OptimizerSpec | None = None,
     amp: Literal["bf16", "fp16"] | None = None,
     channels_last: bool = False,
     device: str | MemoryBackend = "auto",
@@ -73,6 +74,7 @@ def find_safe_batch_size(
     find_max: bool = False,
     objective: Literal["memory", "throughput"] = "memory",
     on_trial: Callable[[Trial], None] | None = None,
+    model: nn.Module | None = None,
 ) -> ProbeResult:
     """Find the largest batch size a training step can use without running out of memory.
 
@@ -83,12 +85,18 @@ def find_safe_batch_size(
     and restores it afterwards.
 
     Args:
-        target: an ``nn.Module`` (steps on synthetic batches of ``input_shape``), or a function
-            ``step(batch_size)`` that runs one full training step itself.
+        target: an ``nn.Module`` (steps on synthetic batches of ``input_shape``; its weights, buffers,
+            gradients and the RNG are put back afterwards), or a function ``step(batch_size)`` that runs
+            one full training step itself and creates its batch inside (only what is allocated inside the
+            probe is measured). A step function is called once at a tiny size first (uncounted, so the
+            optimizer state exists), then once per trial; it steps the real weights on its data, so
+            without ``model``/``optimizer`` they end the probe changed. After an out-of-memory error the
+            gradients of the modules that ran and the optimizer state the failed step created are dropped.
         input_shape: one sample's shape for a module, e.g. ``(3, 224, 224)``.
         num_classes: classes for synthetic targets (default: the model's ``num_classes``).
         loss_fn: ``loss_fn(output, target)``; default cross-entropy.
-        optimizer: "adamw", "adam", "sgd", an optimizer over the module's parameters, or a factory.
+        optimizer: for a module, "adamw" (default), "adam", "sgd", an optimizer over its parameters, or a
+            factory; for a step function, the optimizer it steps, saved and restored bit for bit.
         amp: None, "bf16" or "fp16" autocast.
         channels_last: channels-last memory format for the module and the batch.
         device: "auto" (MPS, then CUDA, then CPU), "mps", "cuda", "cuda:N", "cpu", or a backend object
@@ -104,6 +112,7 @@ def find_safe_batch_size(
         objective: "memory" recommends the largest size that fits; "throughput" the smallest size within
             5% of the best samples/s among those that fit (larger is not always faster on MPS).
         on_trial: called with each `Trial` as it completes (for progress displays).
+        model: for a step function, the module it trains: saved before the probe and restored after it.
 
     Returns:
         A `ProbeResult`: ``batch_size`` (recommended), ``max_batch_size`` (largest verified), the limit,
@@ -137,6 +146,7 @@ def find_safe_batch_size(
         optimizer=optimizer,
         amp=amp,
         channels_last=channels_last,
+        model=model,
     )
     try:
         with workload, backend.session(limit.bytes):

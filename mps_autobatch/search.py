@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import math
+import traceback
 from collections.abc import Callable
 from time import perf_counter
 from typing import Literal, Protocol
@@ -196,7 +197,8 @@ class _Search:
             if not is_oom_error(exc):
                 raise
             error = str(exc)
-            # Keep the error for chaining but not its frames: they pin the failed step's tensors.
+            # Keep the error for chaining but not its frames: their locals pin the failed step's tensors.
+            traceback.clear_frames(exc.__traceback__)
             self.last_oom = exc.with_traceback(None)
         if error is not None:
             self._recover()

@@ -1,23 +1,31 @@
 """Turn what the user has into the `Workload` the search runs: a model, or a step function.
 
-For a model, each step is a real training step on a synthetic batch of the given input shape
-(forward, loss, backward, optimizer step, ``zero_grad(set_to_none=True)``), with the user's AMP and
-memory-format settings. The model's parameters, buffers, gradients, the optimizer's state and the RNG
-are saved to host memory first (never a second copy on the device, which would distort what is
-measured) and put back bit for bit afterwards, whatever happens.
+For a model, each step is a `mps_autobatch.step.TrainingStep` on a synthetic batch of the given input
+shape, with the user's AMP and memory-format settings. The model's parameters, buffers, gradients, the
+optimizer's state and the RNG are saved to host memory first (never a second copy on the device, which
+would distort what is measured) and put back bit for bit afterwards, whatever happens.
+
+For a step function, the probe sees which modules ran and which optimizers stepped while a step ran
+(global module and optimizer hooks), so a step that runs out of memory leaves nothing behind: the
+gradients of those modules are dropped and the optimizer state the failed step created is removed.
+Given ``model=`` and ``optimizer=``, those are also saved and put back bit for bit afterwards.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
+
+from .step import Amp, Rewind, TrainingStep
 
 __all__ = ["OPTIMIZERS", "CallableWorkload", "ModuleWorkload", "OptimizerSpec", "make_workload"]
 
@@ -30,33 +38,129 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
 }
 """Optimizers by name. Their state (two moments for Adam, a momentum buffer for SGD) is part of the peak."""
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def _host_copy(value: Any) -> Any:
     return value.detach().to("cpu", copy=True) if isinstance(value, torch.Tensor) else value
 
 
-class CallableWorkload:
-    """A user's own ``step(batch_size)``: called for recorded trials only, nothing saved or restored."""
+def _host_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    state = optimizer.state_dict()
+    return {
+        "state": tree_map(_host_copy, state["state"]),
+        "param_groups": tree_map(_host_copy, state["param_groups"]),
+    }
 
-    def __init__(self, step: Callable[[int], object]) -> None:
+
+class _Snapshot:
+    """A model's parameters, gradients, buffers and mode, and an optimizer's state, in host memory.
+
+    `restore` puts them back bit for bit, on the device the model was on.
+    """
+
+    def __init__(self, model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> None:
+        self.model, self.optimizer = model, optimizer
+        params = list(model.parameters()) if model is not None else []
+        self.params = [_host_copy(p) for p in params]
+        self.grads = [_host_copy(p.grad) if p.grad is not None else None for p in params]
+        self.buffers = [_host_copy(b) for b in model.buffers()] if model is not None else []
+        self.training = model.training if model is not None else True
+        self.device = params[0].device if params else None
+        self.optimizer_state = _host_state(optimizer) if optimizer is not None else None
+
+    def restore(self) -> None:
+        model = self.model
+        if model is not None:
+            if self.device is not None:
+                model.to(self.device)
+            with torch.no_grad(), _disable_current_modes():
+                for param, value, grad in zip(model.parameters(), self.params, self.grads):
+                    param.copy_(value)
+                    param.grad = None if grad is None else grad.to(param.device)
+                for buffer, value in zip(model.buffers(), self.buffers):
+                    buffer.copy_(value)
+            model.train(self.training)
+        if self.optimizer is not None and self.optimizer_state is not None:
+            self.optimizer.state.clear()  # state the probe created for parameters that had none
+            self.optimizer.load_state_dict(self.optimizer_state)
+
+
+class CallableWorkload:
+    """A user's own ``step(batch_size)``: run for the warm-up and the trials, cleaned up after a failure.
+
+    While a step runs, global hooks record the modules whose forward ran and the optimizers that
+    stepped, with the parameters each had state for. `recover` (after an out-of-memory error) drops
+    the gradients of those modules' parameters and the optimizer state the failed step created, so
+    the next trial starts from what the last good step left. ``model`` and ``optimizer``, when given,
+    are saved on entry and put back bit for bit on exit.
+    """
+
+    def __init__(
+        self,
+        step: Callable[[int], object],
+        *,
+        model: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
         self._step = step
+        self._model, self._optimizer = model, optimizer
+        self._snapshot: _Snapshot | None = None
+        self._modules: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        # optimizer -> ids of the parameters it had state for before the step that is running
+        self._stepped: weakref.WeakKeyDictionary[torch.optim.Optimizer, set[int]] = weakref.WeakKeyDictionary()
 
     def __enter__(self) -> CallableWorkload:
+        if self._model is not None or self._optimizer is not None:
+            self._snapshot = _Snapshot(self._model, self._optimizer)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        if self._snapshot is not None:
+            self._snapshot.restore()
+            self._snapshot = None
 
     def warm_up(self, batch_size: int) -> None:
-        """A step function's state is its own: nothing to prepare."""
+        """One step at a tiny size, uncounted: it creates the optimizer state every later step finds."""
+        self.step(batch_size)
 
     def step(self, batch_size: int) -> None:
-        self._step(batch_size)
+        self._modules.clear()
+        self._stepped.clear()
+        with self._watching():
+            self._step(batch_size)
+
+    @contextmanager
+    def _watching(self) -> Iterator[None]:
+        def ran(module: nn.Module, *_: Any) -> None:
+            self._modules.add(module)
+
+        def stepping(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+            if optimizer not in self._stepped:
+                self._stepped[optimizer] = {id(p) for p in optimizer.state}
+
+        def stepped(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+            self._stepped.pop(optimizer, None)  # a step that finished created nothing to undo
+
+        handles = [
+            nn.modules.module.register_module_forward_pre_hook(ran),
+            register_optimizer_step_pre_hook(stepping),
+            register_optimizer_step_post_hook(stepped),
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def recover(self) -> None:
-        """Nothing to undo that the step function does not own."""
+        """After a failed step: drop the gradients of the modules that ran and the state its optimizer step made."""
+        for module in list(self._modules):
+            module.zero_grad(set_to_none=True)
+        for optimizer, had_state in list(self._stepped.items()):
+            for param in [p for p in optimizer.state if id(p) not in had_state]:
+                del optimizer.state[param]
+            optimizer.zero_grad(set_to_none=True)
+        self._modules.clear()
+        self._stepped.clear()
 
 
 class ModuleWorkload:
@@ -71,6 +175,7 @@ class ModuleWorkload:
         amp: None, "bf16" or "fp16".
         channels_last: use the channels-last memory format for the model and the batch.
         device: where the steps run.
+        grad_scaler: whether fp16 steps go through a GradScaler (the backend says; CUDA only).
     """
 
     def __init__(
@@ -79,11 +184,12 @@ class ModuleWorkload:
         *,
         input_shape: Sequence[int],
         num_classes: int | None,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None,
         optimizer: OptimizerSpec,
-        amp: Literal["bf16", "fp16"] | None,
+        amp: Amp | None,
         channels_last: bool,
         device: torch.device,
+        grad_scaler: bool = False,
     ) -> None:
         self.model = model
         self.input_shape = tuple(input_shape)
@@ -98,64 +204,43 @@ class ModuleWorkload:
         self.amp = amp
         self.channels_last = channels_last and len(self.input_shape) == 3
         self.device = device
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._saved: dict[str, Any] = {}
+        self.grad_scaler = grad_scaler and amp == "fp16"
+        self.training_step: TrainingStep | None = None
         self._restore = ExitStack()
-        self._norm_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._scaler: torch.amp.GradScaler | None = None
+        self._rewind: Rewind | None = None
 
-    # --- saving and restoring ----------------------------------------------------------------------------
     def __enter__(self) -> ModuleWorkload:
         model = self.model
-        params = list(model.parameters())
-        self._saved = {
-            "params": [_host_copy(p) for p in params],
-            "grads": [_host_copy(p.grad) if p.grad is not None else None for p in params],
-            "buffers": [_host_copy(b) for b in model.buffers()],
-            "training": model.training,
-            "device": params[0].device if params else None,
-            "user_optimizer": _host_state(self.optimizer_spec)
-            if isinstance(self.optimizer_spec, torch.optim.Optimizer)
-            else None,
-        }
+        user_optimizer = self.optimizer_spec if isinstance(self.optimizer_spec, torch.optim.Optimizer) else None
+        snapshot = _Snapshot(model, user_optimizer)
         self._restore.enter_context(_fork_rng(self.device))
-        self._restore.callback(self._put_back)
-        if self._saved["device"] is not None and self._saved["device"] != self.device:
-            model.to(self.device)
+        self._restore.callback(self._put_back, snapshot)
+        model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         model.train()
-        norm_buffers = {
-            id(b) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers(False)
-        }
-        self._norm_stats = [(b, s) for b, s in zip(model.buffers(), self._saved["buffers"]) if id(b) in norm_buffers]
-        self.optimizer = _make_optimizer(self.optimizer_spec, model)
-        self._scaler = (
-            torch.amp.GradScaler(self.device.type) if self.amp == "fp16" and self.device.type == "cuda" else None
+        self._rewind = Rewind(model, self.device)
+        self.training_step = TrainingStep(
+            model,
+            _make_optimizer(self.optimizer_spec, model),
+            self.loss_fn,
+            amp=self.amp,
+            scaler=torch.amp.GradScaler(self.device.type) if self.grad_scaler else None,
+            channels_last=self.channels_last,
+            device=self.device,
         )
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.optimizer = None
+        self.training_step = None
         self._restore.close()
 
-    def _put_back(self) -> None:
-        model, saved = self.model, self._saved
-        if saved["device"] is not None and saved["device"] != self.device:
-            model.to(saved["device"])
-        with torch.no_grad(), _disable_current_modes():
-            for param, value, grad in zip(model.parameters(), saved["params"], saved["grads"]):
-                param.copy_(value)
-                param.grad = None if grad is None else grad.to(param.device)
-            for buffer, value in zip(model.buffers(), saved["buffers"]):
-                buffer.copy_(value)
+    def _put_back(self, snapshot: _Snapshot) -> None:
+        snapshot.restore()
         if self.channels_last:
-            model.to(memory_format=torch.contiguous_format)
-        model.train(saved["training"])
-        if saved["user_optimizer"] is not None:
-            self.optimizer_spec.load_state_dict(saved["user_optimizer"])  # type: ignore[union-attr]
+            self.model.to(memory_format=torch.contiguous_format)
 
     # --- the Workload protocol ---------------------------------------------------------------------------
     def warm_up(self, batch_size: int) -> None:
@@ -163,39 +248,19 @@ class ModuleWorkload:
         self.step(batch_size)
 
     def step(self, batch_size: int) -> None:
-        assert self.optimizer is not None, "use ModuleWorkload as a context manager"
-        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        inputs = torch.randn(batch_size, *self.input_shape, device=self.device).to(memory_format=memory_format)
+        if self.training_step is None:
+            raise RuntimeError("ModuleWorkload.step() needs the workload entered: use `with workload: ...`.")
+        inputs = torch.randn(batch_size, *self.input_shape, device=self.device)
         targets = torch.randint(self.num_classes, (batch_size,), device=self.device)  # type: ignore[arg-type]
-        with _autocast(self.device, self.amp):
-            loss = self.loss_fn(self.model(inputs), targets)
-        if self._scaler is not None:
-            self._scaler.scale(loss).backward()
-            self._scaler.step(self.optimizer)
-            self._scaler.update()
-        else:
-            loss.backward()
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.training_step(inputs, targets)
 
     def recover(self) -> None:
         """After a failed step: drop partial gradients and put BatchNorm's running statistics back."""
-        if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+        if self.training_step is not None:
+            self.training_step.optimizer.zero_grad(set_to_none=True)
         self.model.zero_grad(set_to_none=True)
-        # A host-to-device copy into existing buffers allocates nothing on a real device; keep trackers
-        # (the simulation) from booking the host copy as device memory.
-        with torch.no_grad(), _disable_current_modes():
-            for buffer, value in self._norm_stats:
-                buffer.copy_(value)
-
-
-def _host_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    state = optimizer.state_dict()
-    return {
-        "state": tree_map(_host_copy, state["state"]),
-        "param_groups": tree_map(_host_copy, state["param_groups"]),
-    }
+        if self._rewind is not None:
+            self._rewind.restore()
 
 
 def _make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimizer:
@@ -210,11 +275,7 @@ def _make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimi
     raise TypeError(f"optimizer must be a name, an optimizer or a factory, got {spec!r}.")
 
 
-def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[Any]:
-    return torch.autocast(device.type, dtype=AMP_DTYPES[amp]) if amp else nullcontext()
-
-
-def _fork_rng(device: torch.device) -> AbstractContextManager[None]:
+def _fork_rng(device: torch.device) -> Any:
     if device.type in ("cuda", "mps"):
         return torch.random.fork_rng(device_type=device.type)
     return torch.random.fork_rng(devices=[])
@@ -226,12 +287,17 @@ def make_workload(
     device: torch.device,
     input_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    optimizer: OptimizerSpec = "adamw",
-    amp: Literal["bf16", "fp16"] | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    optimizer: OptimizerSpec | None = None,
+    amp: Amp | None = None,
     channels_last: bool = False,
+    grad_scaler: bool = False,
+    model: nn.Module | None = None,
 ) -> ModuleWorkload | CallableWorkload:
-    """A workload for a module (checked first: a module is callable too) or a step function."""
+    """A workload for a module (checked first: a module is callable too) or a step function.
+
+    For a step function, ``model`` and ``optimizer`` (an optimizer instance) are saved and restored.
+    """
     if isinstance(target, nn.Module):
         if input_shape is None:
             raise ValueError(
@@ -242,11 +308,18 @@ def make_workload(
             input_shape=input_shape,
             num_classes=num_classes,
             loss_fn=loss_fn,
-            optimizer=optimizer,
+            optimizer=optimizer if optimizer is not None else "adamw",
             amp=amp,
             channels_last=channels_last,
             device=device,
+            grad_scaler=grad_scaler,
         )
     if callable(target):
-        return CallableWorkload(target)
+        if model is not None and not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module to save and restore, got {type(model).__name__}.")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be the step's torch.optim.Optimizer to save and restore, got {optimizer!r}."
+            )
+        return CallableWorkload(target, model=model, optimizer=optimizer)
     raise TypeError(f"target must be an nn.Module or a step(batch_size) function, got {type(target).__name__}.")

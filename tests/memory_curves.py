@@ -55,8 +55,9 @@ class CurveBackend(MemoryBackend):
 class CurveWorkload:
     """A step that "allocates" the curve's peak, or raises the MPS out-of-memory error above the limit.
 
-    With ``warm_up_steps`` the uncounted warm-up runs a step too, as `ModuleWorkload`'s does; a step function's
-    warm-up does nothing. ``warm_ups`` and ``sizes`` record the sizes asked for, uncounted and counted.
+    With ``warm_up_steps`` the uncounted warm-up runs a step too, as both workloads do; without it, the warm-up
+    does nothing (the idle reading is taken before any step). ``warm_ups`` and ``sizes`` record the sizes asked
+    for, uncounted and counted.
     """
 
     def __init__(self, backend: CurveBackend, warm_up_steps: bool = True) -> None:
