@@ -336,10 +336,12 @@ def compute_only(
 ) -> float:
     """Images/s of forward, loss, backward, optimizer step, zero_grad on one batch already on the device, with the
     trainer's model, optimizer, loss, precision and memory format; no data loading."""
-    from mps_autobatch.train._setup import choose_amp, create_model, make_optimizer
+    from mps_autobatch.devices import get_backend
+    from mps_autobatch.train._setup import create_model, make_optimizer
 
-    amp = choose_amp("auto", device)
-    channels_last = device.type == "cuda"
+    backend = get_backend(str(device))
+    amp = backend.choose_amp("auto")
+    channels_last = backend.prefers_channels_last
     torch.manual_seed(0)
     model = create_model(model_name, 10, pretrained=False, weights=None).to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -427,24 +429,12 @@ def run_trainer_case(settings: Settings, record: dict[str, Any], save) -> None:
         record["status"] = f"skipped: albumentations does not import ({reason}); benchmarks/gpu_suite.sh installs it"
         save()
         return
-    from mps_autobatch.train._setup import probe_here
     from mps_autobatch.train.config import TrainConfig
     from mps_autobatch.train.engine import train
 
     print(f"== trainer: {settings.trainer_model} @ {settings.trainer_size}, workers {settings.workers}", flush=True)
     if torch.cuda.is_available():
         torch.cuda.set_per_process_memory_fraction(1.0)  # the probe applies the limit itself; training is uncapped
-    probe: dict[str, Any] = {}
-
-    def find(model, backend, probe_settings):
-        began = time.perf_counter()
-        result = probe_here(model, backend, probe_settings)
-        probe.update(
-            batch_size=result.batch_size, max_batch_size=result.max_batch_size, seconds=time.perf_counter() - began
-        )
-        probe.update(amp=probe_settings["amp"], channels_last=probe_settings["channels_last"])
-        return result
-
     warm, measured = settings.warm_updates, settings.measured_updates
     display = _clock_display()
     began = time.perf_counter()
@@ -460,8 +450,16 @@ def run_trainer_case(settings: Settings, record: dict[str, Any], save) -> None:
             workers=settings.workers,
             stop_after=warm + measured,
             output=folder,
+            probe_cache=False,
         )
-        result = train(config, find_batch_size=find, display=display)
+        result = train(config, display=display)
+    # The trainer probes its own step (its model, loss, optimizer, scaler, channels_last) before training.
+    assert result.probe is not None
+    probe = {
+        "batch_size": result.probe.batch_size,
+        "max_batch_size": result.probe.max_batch_size,
+        "seconds": result.probe.elapsed_s,
+    }
     train_wall = time.perf_counter() - began
     _release()
     batch = result.micro_batch_size

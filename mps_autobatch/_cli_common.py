@@ -1,25 +1,22 @@
-"""What the `autobatch` commands share: the stderr console, option types, error reporting, model
-names, device choice, and the cached probe. The trainer's commands use it too, so it imports no command.
+"""What the `autobatch` commands share: the stderr console, option types, error reporting, device
+choice, probe progress and warnings. The trainer's commands use it too, so it imports no command.
 """
 
 from __future__ import annotations
 
-import difflib
-import functools
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import distributed
 from .devices import MemoryBackend
 from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits
-from .results import ProbeResult, Trial
+from .results import Trial
 
 __all__ = ["DeviceOpt", "ImageSizeOpt", "ModelOpt", "SimulateOpt", "err"]
 
@@ -74,36 +71,17 @@ def _reported() -> Iterator[None]:
         raise
 
 
-def _suggest_model(name: str, names: list[str]) -> str | None:
-    """The model name a typo most likely meant: common slips first (0/o, 1/l, -/_, case), then difflib."""
-    slips = name.lower().replace("-", "_")
-    for candidate in (slips, slips.replace("o", "0"), slips.replace("l", "1")):
-        if candidate in names:
-            return candidate
-    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
-    return close[0] if close else None
-
-
-def _check_model(name: str) -> None:
-    import timm
-
-    if not timm.is_model(name):
-        close = _suggest_model(name, timm.list_models())
-        hint = f" Did you mean {close!r}?" if close else ""
-        raise _BadInput(
-            f"Unknown timm model {name!r}.{hint} List names with timm.list_models('{name.split('_')[0]}*')."
-        )
-
-
-def _create_model(name: str, num_classes: int) -> Any:
-    import timm
-
-    _check_model(name)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes)
-
-
 def _backend(device: str, simulate: str | None) -> str | MemoryBackend:
     if simulate is None:
+        from .devices import BACKENDS, available_devices
+
+        kind = device.split(":", 1)[0]
+        if kind in BACKENDS and not BACKENDS[kind].is_available():
+            found = ", ".join(available_devices())
+            raise _BadInput(
+                f"--device {device} is not available on this machine (found: {found}). Pass --device auto, or "
+                "--simulate mps:16GiB to probe a simulated Mac."
+            )
         return device
     if device != "auto":
         raise _BadInput(f"--simulate replaces the device; drop --device {device!r} or --simulate.")
@@ -124,63 +102,14 @@ def _progress(enabled: bool) -> tuple[Callable[[Trial], None] | None, Any]:
     return on_trial, status
 
 
-def _cache_key(backend: MemoryBackend, settings: dict[str, Any]) -> dict[str, Any]:
-    import timm
-    import torch
-
-    from . import __version__
-
-    versions = {"torch": torch.__version__, "timm": timm.__version__, "mps_autobatch": __version__}
-    return {**settings, "device": backend.identity(), "versions": versions}
-
-
-def _probe_or_cached(
-    model: str,
-    backend: MemoryBackend,
-    settings: dict[str, Any],
-    *,
-    use_cache: bool,
-    quiet: bool,
-    isolate: bool | None,
-    trial_timeout_s: float,
-) -> tuple[ProbeResult, bool]:
-    """Reuse a cached answer when one was found under a limit no larger than today's; else probe and store."""
-    from . import cache
-    from .probe import find_safe_batch_size
-
-    limit = backend.limit(settings["memory_limit"])
-    # The limit is not part of the key: an answer found under a limit no larger than today's still fits,
-    # so a default limit that drifts with free memory keeps hitting.
-    key = _cache_key(backend, {"model": model, **{k: v for k, v in settings.items() if k != "memory_limit"}})
-    if use_cache:
-        # Under torchrun rank 0 reads the cache and tells the others, so every rank probes, or none does.
-        hit = distributed.rank_zero_decides(functools.partial(_cached, key, limit.bytes))
-        if hit is not None:
-            return hit, True
-    on_trial, status = _progress(not quiet and err.is_terminal)
-    with status if status is not None else nullcontext():
-        # A real Mac can abort the process on some Metal failures (pytorch#84039): isolate there by default.
-        if isolate if isolate is not None else backend.name == "mps":
-            from .isolate import find_safe_batch_size_isolated
-
-            factory = functools.partial(_create_model, model, settings["num_classes"])
-            result = find_safe_batch_size_isolated(
-                factory, trial_timeout_s=trial_timeout_s, device=backend, on_trial=on_trial, **settings
-            )
-        else:
-            net = _create_model(model, settings["num_classes"])
-            result = find_safe_batch_size(net, device=backend, on_trial=on_trial, **settings)
-    if use_cache and distributed.rank_and_world()[0] == 0:
-        cache.store(key, result)
-    return result, False
-
-
-def _cached(key: dict[str, Any], limit_bytes: int) -> ProbeResult | None:
-    from . import cache
-
+@contextmanager
+def _warnings_printed() -> Iterator[None]:
+    """Our own warnings (a corrupt cache file, say) as one `Warning:` line each on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", AutobatchWarning)
-        hit = cache.load(key, limit_bytes)
+        yield
     for warning in caught:
-        err.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
-    return hit
+        if issubclass(warning.category, AutobatchWarning):
+            err.print(f"[yellow]Warning:[/yellow] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)

@@ -8,8 +8,10 @@ Example:
     >>> import os, tempfile
     >>> from unittest import mock
     >>> from mps_autobatch.results import ProbeResult
-    >>> result = ProbeResult(8, 10, "cpu", 100, "memory_limit", 80, 0.2, 10, 8, "measure", "", 1, None,
-    ...                      None, (), 0.5)
+    >>> result = ProbeResult(batch_size=8, max_batch_size=10, device="cpu", limit_bytes=100,
+    ...     limit_source="memory_limit", budget_bytes=80, headroom=0.2, fixed_bytes=10, per_sample_bytes=8,
+    ...     strategy="measure", note="", steps_per_trial=1, requested=None, accumulation=None, trials=(),
+    ...     elapsed_s=0.5)
     >>> key = {"model": "resnet18", "optimizer": "adamw"}
     >>> with tempfile.TemporaryDirectory() as tmp, mock.patch.dict(os.environ, {"AUTOBATCH_CACHE_DIR": tmp}):
     ...     _ = store(key, result)
@@ -92,8 +94,8 @@ def fingerprint(key: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _path_for(key: Mapping[str, object]) -> Path:
-    return cache_dir() / f"{fingerprint(key)}.json"
+def _path_for(key: Mapping[str, object], folder: Path | None) -> Path:
+    return (folder if folder is not None else cache_dir()) / f"{fingerprint(key)}.json"
 
 
 def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
@@ -107,8 +109,10 @@ def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
     Example:
         >>> import json
         >>> trial = Trial(8, "ok", 90, 60, 0.1, 80.0, False)
-        >>> r = ProbeResult(4, 8, "cpu", 100, "memory_limit", 80, 0.2, None, None, "bisect", "", 1, 16,
-        ...                 (4, 4), (trial,), 0.5)
+        >>> r = ProbeResult(batch_size=4, max_batch_size=8, device="cpu", limit_bytes=100,
+        ...     limit_source="memory_limit", budget_bytes=80, headroom=0.2, fixed_bytes=None, per_sample_bytes=None,
+        ...     strategy="bisect", note="", steps_per_trial=1, requested=16, accumulation=(4, 4), trials=(trial,),
+        ...     elapsed_s=0.5)
         >>> result_from_dict(json.loads(json.dumps(r.to_dict()))) == r
         True
     """
@@ -120,7 +124,7 @@ def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
     return ProbeResult(**fields)
 
 
-def load(key: Mapping[str, object], limit_bytes: int) -> ProbeResult | None:
+def load(key: Mapping[str, object], limit_bytes: int, *, folder: Path | None = None) -> ProbeResult | None:
     """The cached answer for ``key``, if there is one that is still safe under today's limit.
 
     An answer found under a limit larger than today's may not fit any more, so it is a miss; one found
@@ -129,12 +133,13 @@ def load(key: Mapping[str, object], limit_bytes: int) -> ProbeResult | None:
     Args:
         key: the same mapping that was passed to `store`.
         limit_bytes: the memory limit the caller will run under now.
+        folder: the cache folder (default `cache_dir`).
 
     Returns:
         The cached `ProbeResult`, or None on a miss. A corrupt or unreadable file is a miss too, with an
         `AutobatchWarning`; the next `store` for the key rewrites it.
     """
-    path = _path_for(key)
+    path = _path_for(key, folder)
     if not path.exists():
         return None
     try:
@@ -153,7 +158,7 @@ def load(key: Mapping[str, object], limit_bytes: int) -> ProbeResult | None:
     return result if result.limit_bytes <= limit_bytes else None
 
 
-def store(key: Mapping[str, object], result: ProbeResult) -> Path:
+def store(key: Mapping[str, object], result: ProbeResult, *, folder: Path | None = None) -> Path:
     """Save ``result`` under ``key``, replacing any earlier answer.
 
     The file is written next to its final name and moved into place with `os.replace`, so a reader
@@ -162,9 +167,10 @@ def store(key: Mapping[str, object], result: ProbeResult) -> Path:
     Returns:
         The path of the cache file.
     """
-    path = _path_for(key)
+    path = _path_for(key, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps({"key": dict(key), "result": result.to_dict()}, indent=2, sort_keys=True)
+    stored = {**result.to_dict(), "cached": False}  # read back, it is a cached answer; stored, it was measured
+    text = json.dumps({"key": dict(key), "result": stored}, indent=2, sort_keys=True)
     descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     temp = Path(name)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Annotated, Any
 
 import typer
@@ -17,16 +18,18 @@ from ._cli_common import (
     SimulateOpt,
     _backend,
     _BadInput,
-    _check_model,
-    _create_model,
-    _probe_or_cached,
+    _progress,
     _reported,
+    _warnings_printed,
     err,
 )
+from ._cli_explain import register as register_explain
 from ._units import parse_size
 from .devices import MemoryBackend, available_devices, get_backend
 from .errors import AutobatchError
-from .probe import _check_arguments
+from .models import check_model_name, create_model
+from .probe import find_safe_batch_size
+from .spec import ProbeSpec
 from .train.commands import register as register_trainer
 
 __all__ = ["app"]
@@ -46,25 +49,11 @@ def info(device: DeviceOpt = "auto", simulate: SimulateOpt = None) -> None:
     import torch
 
     from ._units import format_bytes
-    from .devices import MPSBackend
 
     with _reported():
         backend = get_backend(_backend(device, simulate))
         limit = backend.limit()
-        rows = [
-            ("devices found", ", ".join(available_devices())),
-            ("device", backend.name),
-            ("torch", torch.__version__),
-        ]
-        if isinstance(backend, MPSBackend):
-            recommended, source = backend.recommended_max_bytes()
-            ratio, ratio_source = backend.watermark_ratio()
-            total, available = backend.ram_bytes()
-            rows += [
-                ("recommended max", f"{format_bytes(recommended)} ({source})"),
-                ("watermark ratio", f"{ratio:.2f} ({ratio_source})"),
-                ("unified memory", f"{format_bytes(total)} total, {format_bytes(available)} available"),
-            ]
+        rows = [("devices found", ", ".join(available_devices())), *backend.describe(), ("torch", torch.__version__)]
         rows += [
             ("in use now", format_bytes(backend.in_use_bytes())),
             ("limit", format_bytes(limit.bytes)),
@@ -137,44 +126,44 @@ def probe(
                 raise _BadInput(f"{name} must be >= 1, got {value}.")
         if plot is not None and not plot.lower().endswith(".png"):
             raise _BadInput(f"--plot writes a PNG file; got {plot!r}. Pass e.g. --plot mem.png.")
-        # The search's own checks, before a device, the cache or a model is touched.
-        _check_arguments(headroom, requested, max_batch_size, multiple_of, steps_per_trial, amp, objective)
-        backend = get_backend(_backend(device, simulate))
-        settings: dict[str, Any] = {
-            "input_shape": (channels, image_size, image_size),
-            "num_classes": num_classes,
-            "optimizer": optimizer,
-            "amp": amp,
-            "channels_last": channels_last,
-            "memory_limit": parse_size(memory_limit) if memory_limit is not None else None,
-            "headroom": headroom,
-            "requested": requested,
-            "max_batch_size": max_batch_size,
-            "multiple_of": multiple_of,
-            "steps_per_trial": steps_per_trial,
-            "find_max": find_max,
-            "objective": objective,
-        }
-        _check_model(model)
         if trial_timeout <= 0:
             raise _BadInput(f"--trial-timeout must be positive seconds, got {trial_timeout}.")
-        result, cached = _probe_or_cached(
-            model,
-            backend,
-            settings,
-            use_cache=not no_cache,
-            quiet=as_json,
-            isolate=isolate,
-            trial_timeout_s=trial_timeout,
+        # The settings' own checks, before a device, the cache or a model is touched.
+        spec = ProbeSpec(
+            input_shape=(channels, image_size, image_size),
+            num_classes=num_classes,
+            optimizer=optimizer,
+            amp=amp,  # type: ignore[arg-type]
+            channels_last=channels_last,
+            memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
+            headroom=headroom,
+            requested=requested,
+            max_batch_size=max_batch_size,
+            multiple_of=multiple_of,
+            steps_per_trial=steps_per_trial,
+            find_max=find_max,
+            objective=objective,  # type: ignore[arg-type]
         )
+        backend = get_backend(_backend(device, simulate))
+        on_trial, status = _progress(not as_json and err.is_terminal)
+        with status if status is not None else nullcontext(), _warnings_printed():
+            result = find_safe_batch_size(
+                model,
+                spec=spec,
+                device=backend,
+                cache=not no_cache,
+                # A real Mac can abort the process on some Metal failures (pytorch#84039): isolate there by default.
+                isolate=isolate if isolate is not None else backend.aborts_on_failure,
+                trial_timeout_s=trial_timeout,
+                on_trial=on_trial,
+            )
+        cached = result.cached
         if plot is not None:
             from .report import plot as draw
 
             draw(result, plot)
     if as_json:
-        typer.echo(
-            json.dumps({"model": model, "image_size": image_size, "cached": cached, **result.to_dict()}, indent=2)
-        )
+        typer.echo(json.dumps({"model": model, "image_size": image_size, **result.to_dict()}, indent=2))
         return
     from .report import summary_lines, trials_table
 
@@ -240,10 +229,10 @@ def estimate(
         batches = batch_size or [8, 16, 32]
         if min(sizes) < 8:
             raise _BadInput(f"--image-size must be >= 8 pixels, got {min(sizes)}. Pass e.g. --image-size 224.")
-        _check_model(model)
+        check_model_name(model)
         from .estimate import estimate_grid
 
-        factory = functools.partial(_create_model, model, num_classes)
+        factory = functools.partial(create_model, model, num_classes)
         estimates = estimate_grid(
             factory,
             input_shapes=[(3, s, s) for s in sizes],
@@ -295,3 +284,4 @@ def _calibration_factor(
 
 
 register_trainer(app)
+register_explain(app)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import platform
 import re
+import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,23 @@ class PeakWindow:
     allocated_bytes: int | None = None
 
 
+def _mps_bf16_supported() -> bool:
+    # Autocast on MPS arrived in torch 2.5; bf16 on the GPU needs macOS 14 (REFERENCE.md B).
+    torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
+    mac = platform.mac_ver()[0]
+    return torch_version >= (2, 5) and bool(mac) and int(mac.split(".")[0]) >= 14
+
+
+def _check_fits(memory_limit: int, total: int, whose: str, what: str) -> None:
+    """The one check of an explicit limit against the memory the device has."""
+    if memory_limit > total:
+        of = f" {what}" if what else ""
+        raise ValueError(
+            f"memory_limit {format_bytes(memory_limit)} is more than {whose} {format_bytes(total)}{of}. "
+            "Pass a smaller memory limit."
+        )
+
+
 def _positive(value: int | float | None) -> int | None:
     # A counter that reads 0 around real work measured nothing (REFERENCE.md C: torch.accelerator
     # returns 0 on a CUDA build without a GPU); never treat it as a measurement.
@@ -88,6 +106,29 @@ class MemoryBackend(ABC):
     device: torch.device = torch.device("cpu")
     shares_host_memory: bool = False
     """Its memory is the host's RAM, which every process on the host draws from (CPU, a Mac)."""
+    keeps_cap_while_training: bool = False
+    """Training must stay inside `session`: without the probe's cap an oversized step swaps instead of raising."""
+    empty_cache_every: int = 0
+    """How often (in optimizer updates) a trainer releases the allocator's cache by default; 0 never."""
+    pins_memory: bool = False
+    """DataLoader ``pin_memory`` helps host-to-device copies here."""
+    prefers_channels_last: bool = False
+    """Convolutions run faster in the channels-last memory format here (REFERENCE.md B: not on MPS)."""
+    uses_grad_scaler: bool = False
+    """fp16 autocast needs a GradScaler here (CUDA; on MPS it has had bugs, REFERENCE.md B)."""
+    aborts_on_failure: bool = False
+    """Some failures abort the process instead of raising (Metal, pytorch#84039): probe in a child by default."""
+    syncs_batchnorm: bool = False
+    """torch's SyncBatchNorm runs here (CUDA GPUs only)."""
+    collectives: str | None = "gloo"
+    """The torch.distributed backend that reduces this device's tensors (None: none can, as on MPS)."""
+
+    def check_can_run(self, limit_bytes: int) -> None:  # noqa: B027 - a real device runs what fits its limit
+        """Raise a one-line `ValueError` when steps up to ``limit_bytes`` cannot run here (a simulated Mac's RAM)."""
+
+    def for_local_rank(self, local_rank: int) -> MemoryBackend:
+        """The backend for torchrun's rank ``local_rank`` on this host (its own GPU); most devices are shared."""
+        return self
 
     @staticmethod
     def is_available() -> bool:
@@ -125,6 +166,22 @@ class MemoryBackend(ABC):
         and a step's tensors are freed by reference counting. The search collects after a failure.
         """
 
+    def choose_amp(self, setting: str) -> str | None:
+        """The autocast dtype ("bf16", "fp16" or None for fp32) for an ``--amp`` setting on this device.
+
+        "auto" is full precision on the CPU; "bf16" runs there (autocast on the CPU), "fp16" does not.
+
+        Raises:
+            ValueError: the device cannot run the requested precision.
+        """
+        if setting == "fp16":
+            raise ValueError("--amp fp16 is for CUDA GPUs. On the CPU pass --amp bf16 or --amp off.")
+        return None if setting in ("auto", "off") else setting
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(name, value) rows that say what this device is, for ``autobatch info``."""
+        return [("device", self.name)]
+
 
 class MPSBackend(MemoryBackend):
     """Apple-silicon GPUs through the Metal allocator.
@@ -145,6 +202,10 @@ class MPSBackend(MemoryBackend):
 
     name = "mps"
     shares_host_memory = True
+    keeps_cap_while_training = True
+    aborts_on_failure = True
+    collectives: str | None = None  # gloo and nccl reduce no MPS tensors
+    empty_cache_every = 10  # the seed's cadence: torch.mps.empty_cache() every 10 batches (REFERENCE.md A)
 
     def __init__(
         self,
@@ -161,10 +222,35 @@ class MPSBackend(MemoryBackend):
         self.device = torch.device(device)
         self.name = name
         self._peak_stats: bool | None = None
+        self._fraction: float | None = None  # the fraction an open session set (torch has no getter)
 
     @staticmethod
     def is_available() -> bool:
         return torch.backends.mps.is_available()
+
+    def choose_amp(self, setting: str) -> str | None:
+        """bf16 where torch (>= 2.5) and macOS (14+) support it, fp32 otherwise; fp16 is refused (GradScaler bugs)."""
+        if setting == "off":
+            return None
+        supported = _mps_bf16_supported()
+        if setting == "auto":
+            return "bf16" if supported else None
+        if setting == "fp16":
+            raise ValueError("--amp fp16 needs a GradScaler, which has had bugs on MPS. Pass --amp bf16 or --amp off.")
+        if not supported:
+            raise ValueError("--amp bf16 on MPS needs torch >= 2.5 and macOS 14 or later. Pass --amp off.")
+        return setting
+
+    def describe(self) -> list[tuple[str, str]]:
+        recommended, source = self.recommended_max_bytes()
+        ratio, ratio_source = self.watermark_ratio()
+        total, available = self.ram_bytes()
+        return [
+            ("device", self.name),
+            ("recommended max", f"{format_bytes(recommended)} ({source})"),
+            ("watermark ratio", f"{ratio:.2f} ({ratio_source})"),
+            ("unified memory", f"{format_bytes(total)} total, {format_bytes(available)} available"),
+        ]
 
     def recommended_max_bytes(self) -> tuple[int, str]:
         """Metal's recommendedMaxWorkingSetSize, or an estimate from RAM where torch < 2.5 lacks it."""
@@ -197,11 +283,7 @@ class MPSBackend(MemoryBackend):
         recommended, recommended_source = self.recommended_max_bytes()
         ratio, ratio_source = self.watermark_ratio()
         if memory_limit is not None:
-            if memory_limit > total:
-                raise ValueError(
-                    f"memory_limit {format_bytes(memory_limit)} is more than this Mac's "
-                    f"{format_bytes(total)} of unified memory. Pass a smaller memory limit."
-                )
+            _check_fits(memory_limit, total, "this Mac's", "of unified memory")
             return MemoryLimit(min(memory_limit, int(MPS_MAX_HIGH_WATERMARK_RATIO * recommended)), "memory_limit")
         held = int(self._mps.driver_allocated_memory())
         ram = available + held
@@ -220,12 +302,15 @@ class MPSBackend(MemoryBackend):
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:
         recommended, _ = self.recommended_max_bytes()
-        restore_ratio, _ = self.watermark_ratio()
-        fraction = min(limit_bytes / recommended, MPS_MAX_HIGH_WATERMARK_RATIO)
-        self._mps.set_per_process_memory_fraction(float(fraction))
+        # A session inside another (the trainer's probe inside its training cap) restores the outer one's cap.
+        restore_ratio = self._fraction if self._fraction is not None else self.watermark_ratio()[0]
+        fraction = float(min(limit_bytes / recommended, MPS_MAX_HIGH_WATERMARK_RATIO))
+        self._mps.set_per_process_memory_fraction(fraction)
+        outer, self._fraction = self._fraction, fraction
         try:
             yield
         finally:
+            self._fraction = outer
             self._mps.set_per_process_memory_fraction(float(restore_ratio))
 
     def identity(self) -> str:
@@ -302,6 +387,11 @@ class CUDABackend(MemoryBackend):
     """
 
     name = "cuda"
+    pins_memory = True
+    prefers_channels_last = True
+    uses_grad_scaler = True
+    syncs_batchnorm = True
+    collectives = "nccl"
 
     def __init__(self, device: str = "cuda") -> None:
         self.device = torch.device(device)
@@ -319,6 +409,22 @@ class CUDABackend(MemoryBackend):
     def in_use_bytes(self) -> int:
         return int(torch.cuda.memory_reserved(self._index))
 
+    def for_local_rank(self, local_rank: int) -> CUDABackend:
+        torch.cuda.set_device(local_rank)  # before the process group starts: nccl binds to it
+        return CUDABackend(f"cuda:{local_rank}")
+
+    def choose_amp(self, setting: str) -> str | None:
+        """ "auto" is bf16 where the GPU has it, else fp16 (with a GradScaler)."""
+        if setting == "off":
+            return None
+        if setting == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return setting
+
+    def describe(self) -> list[tuple[str, str]]:
+        properties = torch.cuda.get_device_properties(self._index)
+        return [("device", self.name), ("gpu", f"{properties.name}, {format_bytes(properties.total_memory)}")]
+
     def _fraction(self) -> float:
         read = getattr(torch.cuda, "get_per_process_memory_fraction", None)
         return float(read(self._index)) if read is not None else 1.0
@@ -326,11 +432,7 @@ class CUDABackend(MemoryBackend):
     def limit(self, memory_limit: int | None = None) -> MemoryLimit:
         total = torch.cuda.get_device_properties(self._index).total_memory
         if memory_limit is not None:
-            if memory_limit > total:
-                raise ValueError(
-                    f"memory_limit {format_bytes(memory_limit)} is more than {self.name}'s "
-                    f"{format_bytes(total)}. Pass a smaller memory limit."
-                )
+            _check_fits(memory_limit, total, f"{self.name}'s", "")
             return MemoryLimit(memory_limit, "memory_limit")
         fraction = self._fraction()
         if fraction < 1.0:
@@ -387,6 +489,7 @@ class CPUBackend(MemoryBackend):
     def __init__(self, host_memory: HostMemory = _host_memory) -> None:
         self._host_memory = host_memory
         self._book: StorageBook | None = None
+        self._generation = 0
         self._live = 0
         self._peak = 0
 
@@ -404,26 +507,27 @@ class CPUBackend(MemoryBackend):
     def limit(self, memory_limit: int | None = None) -> MemoryLimit:
         total, available = self._host_memory()
         if memory_limit is not None:
-            if memory_limit > total:
-                raise ValueError(
-                    f"memory_limit {format_bytes(memory_limit)} is more than this machine's "
-                    f"{format_bytes(total)} of RAM. Pass a smaller memory limit."
-                )
+            _check_fits(memory_limit, total, "this machine's", "of RAM")
             return MemoryLimit(memory_limit, "memory_limit")
         if available // 2 < CPU_DEFAULT_LIMIT_BYTES:
             return MemoryLimit(available // 2, f"half of the {format_bytes(available)} of available RAM")
         return MemoryLimit(CPU_DEFAULT_LIMIT_BYTES, "default CPU limit (4 GiB)")
 
-    def _allocate(self, nbytes: int) -> int:
+    def _allocate(self, nbytes: int) -> tuple[int, int]:
         self._live += nbytes
         self._peak = max(self._peak, self._live)
-        return nbytes
+        return self._generation, nbytes
 
-    def _free(self, nbytes: object) -> None:
-        self._live -= int(nbytes)  # type: ignore[call-overload]
+    def _free(self, handle: object) -> None:
+        generation, nbytes = typing.cast(tuple[int, int], handle)  # what _allocate returned
+        if generation == self._generation:  # a storage booked in an earlier session is not in this count
+            self._live -= nbytes
 
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:
+        # Each session counts afresh: tensors that outlived an earlier one are adopted again when touched.
+        self._generation += 1
+        self._live = self._peak = 0
         self._book = StorageBook(self._allocate, self._free, adopt_inputs=True)
         try:
             with self._book:
@@ -433,26 +537,20 @@ class CPUBackend(MemoryBackend):
 
     @contextmanager
     def measure(self) -> Iterator[PeakWindow]:
-        if self._book is None:
-            raise RuntimeError("CPUBackend.measure() needs an open session(); use `with backend.session(...)`.")
-        window = PeakWindow()
-        self._peak = self._live
-        yield window
-        window.peak_bytes = window.allocated_bytes = _positive(self._peak)
+        """The block's peak of live tensor bytes; outside a session, counted from a book opened for the block."""
+        with self.session(0) if self._book is None else nullcontext():
+            window = PeakWindow()
+            self._peak = self._live
+            yield window
+            window.peak_bytes = window.allocated_bytes = _positive(self._peak)
 
 
-BACKENDS: dict[str, Callable[..., MemoryBackend]] = {
+BACKENDS: dict[str, type[MemoryBackend]] = {
     "mps": MPSBackend,
     "cuda": CUDABackend,
     "cpu": CPUBackend,
 }
 """Device kinds by torch device type, in the order ``device="auto"`` tries them."""
-
-_AVAILABILITY: dict[str, Callable[[], bool]] = {
-    "mps": MPSBackend.is_available,
-    "cuda": CUDABackend.is_available,
-    "cpu": CPUBackend.is_available,
-}
 
 
 def available_devices() -> list[str]:
@@ -462,7 +560,7 @@ def available_devices() -> list[str]:
         >>> "cpu" in available_devices()
         True
     """
-    return [kind for kind in BACKENDS if _AVAILABILITY[kind]()]
+    return [kind for kind, backend in BACKENDS.items() if backend.is_available()]
 
 
 def get_backend(device: str | MemoryBackend = "auto") -> MemoryBackend:
@@ -484,11 +582,11 @@ def get_backend(device: str | MemoryBackend = "auto") -> MemoryBackend:
     if not isinstance(device, str):
         raise TypeError(f"device must be a string such as 'mps' or a MemoryBackend, got {device!r}.")
     if device == "auto":
-        kind = next(kind for kind in BACKENDS if _AVAILABILITY[kind]())
-        return BACKENDS[kind]()
+        return BACKENDS[available_devices()[0]]()
     kind = device.split(":", 1)[0]
     if kind not in BACKENDS or (kind != "cuda" and device != kind) or not re.fullmatch(r"[a-z]+(:\d+)?", device):
         raise ValueError(f"Unknown device {device!r}. Use one of: auto, mps, cuda, cuda:N, cpu.")
-    if not _AVAILABILITY[kind]():
-        raise ValueError(f"Device {device!r} is not available on this machine. Use --device auto or cpu.")
-    return BACKENDS[kind](device) if kind == "cuda" else BACKENDS[kind]()
+    if not BACKENDS[kind].is_available():
+        found = ", ".join(repr(kind) for kind in available_devices())
+        raise ValueError(f"Device {device!r} is not available on this machine (found: {found}). Use device='auto'.")
+    return CUDABackend(device) if kind == "cuda" else BACKENDS[kind]()

@@ -1,16 +1,19 @@
 """Working inside ``torch.distributed`` (a process group started by torchrun): agreeing, not communicating data.
 
-Every rank probes its own device; the ranks then agree on the smallest answer, so no rank runs out of
-memory while the others wait for it in a collective. A rank whose probe fails joins the agreement with
-its failure, so the others stop with it instead of hanging. Ranks that share one host's memory (CPU
-processes, or several processes on one Mac) split its default limit. Outside a process group every
-function here is a no-op that answers for a single process.
+The probe runs in lockstep: rank 0 picks each trial size (`from_rank_zero`), every rank runs it, and
+`agree_on_trial` makes its outcome the worst over the ranks, each rank's peak read as a fraction of its own
+limit, so an out-of-memory error on one rank is one on all and no rank waits in a collective for another
+that failed. A step that runs collectives itself (the trainer's, under DDP) votes with `agree_on_outcome`
+before it reduces anything. Ranks that share one host's memory (CPU processes, or several processes on one
+Mac) split its default limit. The child-process probe cannot run in lockstep: there each rank searches
+alone and `agree_on_probe` takes the smallest answer. Outside a process group every function here is a
+no-op that answers for a single process.
 
 Example:
     >>> rank_and_world()
     (0, 1)
-    >>> any_rank(True), agree_min(7), rank_zero_decides(lambda: "hit")
-    (True, 7, 'hit')
+    >>> agree_max(7), from_rank_zero(3), rank_zero_decides(lambda: "hit")
+    (7, 3, 'hit')
 """
 
 from __future__ import annotations
@@ -24,15 +27,18 @@ import torch
 import torch.distributed as dist
 
 from .accumulation import plan_accumulation
+from .devices import MemoryBackend
 from .errors import AutobatchError, NoBatchSizeFits
-from .results import ProbeResult
+from .oom import is_oom_error
+from .results import ProbeResult, Trial
 
 __all__ = [
     "agree_max",
-    "agree_min",
+    "agree_on_outcome",
     "agree_on_probe",
-    "any_rank",
+    "agree_on_trial",
     "average_gradients",
+    "from_rank_zero",
     "init_from_env",
     "is_distributed",
     "local_world_size",
@@ -60,26 +66,26 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if is_distributed() else 1
 
 
-def init_from_env(device_type: str) -> bool:
-    """Join the process group torchrun describes in the environment (gloo on CPU, nccl on CUDA).
+def init_from_env(backend: MemoryBackend) -> tuple[bool, MemoryBackend]:
+    """Join the process group torchrun describes in the environment, on ``backend``'s collective library.
 
-    Returns True when it started the group (the caller destroys it when done). Does nothing when
-    WORLD_SIZE is unset or 1, or when the caller already initialised a group.
+    Returns (whether it started the group, the backend of this rank's own device): the caller destroys
+    the group when done. Does nothing when WORLD_SIZE is unset or 1, or when the caller already
+    initialised a group.
 
     Raises:
-        AutobatchError: several ranks on MPS, which no torch.distributed backend can reduce tensors on.
+        AutobatchError: several ranks on a device no torch.distributed backend can reduce tensors on (MPS).
     """
     if not dist.is_available() or dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if device_type == "mps":
+        return False, backend
+    if backend.collectives is None:
         raise AutobatchError(
-            "torch.distributed cannot reduce tensors on MPS (gloo and nccl have no MPS support): "
-            "train with one process on a Mac, or pass --device cpu."
+            f"torch.distributed cannot reduce tensors on {backend.name} (gloo and nccl have no support for it): "
+            "train with one process there, or pass --device cpu."
         )
-    if device_type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return True
+    backend = backend.for_local_rank(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend.collectives)
+    return True, backend
 
 
 def _device() -> torch.device:
@@ -95,19 +101,9 @@ def _all_reduce_int(value: int, op: dist.ReduceOp.RedOpType) -> int:
     return int(tensor.item())
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is True on any rank."""
-    return bool(agree_max(int(flag)))
-
-
 def agree_max(value: int) -> int:
     """The largest ``value`` over all ranks, on every rank."""
     return _all_reduce_int(value, dist.ReduceOp.MAX)
-
-
-def agree_min(value: int) -> int:
-    """The smallest ``value`` over all ranks, on every rank."""
-    return _all_reduce_int(value, dist.ReduceOp.MIN)
 
 
 def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
@@ -131,10 +127,104 @@ def rank_zero_decides(decide: Callable[[], T]) -> T:
     return answer[0]  # type: ignore[return-value]
 
 
-def _gather(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def from_rank_zero(value: T) -> T:
+    """Rank 0's ``value`` (picklable), on every rank: the next trial size in a lockstep probe."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(summary: Any) -> list[Any]:
     summaries: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(summaries, summary)
     return summaries
+
+
+def _failure(error: BaseException | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    text = str(error).splitlines()[0] if str(error) else ""
+    return {"failed": type(error).__name__, "message": text, "oom": is_oom_error(error)}
+
+
+def _raise_for(error: BaseException | None, failures: list[dict[str, Any] | None], what: str) -> None:
+    """Raise on every rank when any failed: this rank's own error, else the first other rank's failure."""
+    if error is not None:
+        raise error
+    for rank, other in enumerate(failures):
+        if other is not None and not other["oom"]:
+            raise AutobatchError(f"Rank {rank} stopped {what}: {other['failed']}: {other['message']}")
+    for rank, other in enumerate(failures):
+        if other is not None:
+            # MemoryError is out of memory to the probe and the trainer (oom.is_oom_error).
+            raise MemoryError(f"Rank {rank} ran out of memory: {other['message']}")
+
+
+def agree_on_outcome(error: BaseException | None, what: str = "the probe") -> None:
+    """Every rank says how its share of some lockstep work ended; if it failed anywhere, it fails everywhere.
+
+    Call it outside the ``except`` block, with the error caught there (or None), so the failed work's
+    frames are gone. A rank that failed re-raises its own error; the others raise `MemoryError` (out of
+    memory on another rank, so the probe or trainer treats it as one) or `AutobatchError` naming the rank.
+
+    Example:
+        >>> agree_on_outcome(None)  # one process, nothing failed: nothing to do
+    """
+    failures = _gather(_failure(error)) if is_distributed() else [_failure(error)]
+    _raise_for(error, failures, what)
+
+
+def agree_on_trial(trial: Trial, limit_bytes: int, error: BaseException | None = None) -> Trial:
+    """The trial as the worst rank saw it, in this rank's own units; raises on every rank if any rank failed.
+
+    Ranks may have different limits, so a peak is compared as a fraction of its rank's limit: the agreed
+    peak is the highest fraction times this rank's limit, and every rank then sees the same outcome,
+    the same fits, and the same next size. ``error`` is a failure that is not out of memory, which every
+    rank raises (this one its own).
+
+    Example:
+        >>> t = Trial(8, "ok", 100, 80, 0.1, 80.0, fits_budget=True)
+        >>> agree_on_trial(t, limit_bytes=1000) is t
+        True
+    """
+    if not is_distributed():
+        if error is not None:
+            raise error
+        return trial
+    mine = {
+        "failure": _failure(error),
+        "outcome": trial.outcome,
+        "peak": None if trial.peak_bytes is None else trial.peak_bytes / limit_bytes,
+        "allocated": None if trial.allocated_bytes is None else trial.allocated_bytes / limit_bytes,
+        "step_s": trial.step_s,
+        "error": trial.error,
+    }
+    everyone = _gather(mine)
+    _raise_for(error, [other["failure"] for other in everyone], "the probe")
+    worst = next((o for o in everyone if o["outcome"] == "oom"), None) or next(
+        (o for o in everyone if o["outcome"] == "over_limit"), None
+    )
+    if worst is not None and worst["outcome"] == "oom":
+        error_text = trial.error if trial.outcome == "oom" else f"another rank: {worst['error']}"
+        return Trial(trial.batch_size, "oom", None, None, None, None, fits_budget=False, error=error_text)
+
+    def highest(key: str) -> int | None:
+        values = [o[key] for o in everyone if o[key] is not None]
+        return int(max(values) * limit_bytes) if values else None
+
+    step_s = max(o["step_s"] for o in everyone if o["step_s"] is not None)
+    outcome = "over_limit" if worst is not None else "ok"
+    return Trial(
+        trial.batch_size,
+        outcome,  # type: ignore[arg-type]
+        highest("peak"),
+        highest("allocated"),
+        step_s,
+        trial.batch_size / step_s,
+        fits_budget=False,  # the search decides fits against its budget
+    )
 
 
 def share_failure(error: Exception) -> None:

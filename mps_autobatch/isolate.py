@@ -103,7 +103,8 @@ class _Reporter:
 
 def _limit_bytes(kwargs: dict[str, Any]) -> int | None:
     """The limit the search will hold to, for a `NoBatchSizeFits` raised in the parent after a crash."""
-    memory_limit = kwargs.get("memory_limit")
+    spec = kwargs.get("spec")
+    memory_limit = spec.memory_limit if spec is not None else kwargs.get("memory_limit")
     try:
         backend = get_backend(kwargs.get("device", "auto"))
         return backend.limit(parse_size(memory_limit) if memory_limit is not None else None).bytes
@@ -280,8 +281,12 @@ def _child_kwargs(kwargs: dict[str, Any], skip_from: int | None) -> dict[str, An
     if skip_from is None or skip_from > _WARM_UP_MAX:
         return kwargs
     cap = skip_from - 1
-    user_max = kwargs.get("max_batch_size")
-    return {**kwargs, "max_batch_size": cap if user_max is None else min(user_max, cap)}
+    spec = kwargs.get("spec")
+    user_max = spec.max_batch_size if spec is not None else kwargs.get("max_batch_size")
+    capped = cap if user_max is None else min(user_max, cap)
+    if spec is not None:
+        return {**kwargs, "spec": dataclasses.replace(spec, max_batch_size=capped)}
+    return {**kwargs, "max_batch_size": capped}
 
 
 def _finish(result: ProbeResult, earlier: list[Trial], crash: Trial | None, began: float) -> ProbeResult:
@@ -350,7 +355,7 @@ def _search_in_children(
 ) -> ProbeResult:
     on_trial: Callable[[Trial], None] | None = kwargs.pop("on_trial", None)
     _check(target_factory, trial_timeout_s, kwargs)
-    multiple_of = kwargs.get("multiple_of", 1)
+    multiple_of = kwargs["spec"].multiple_of if "spec" in kwargs else kwargs.get("multiple_of", 1)
     began = perf_counter()
     earlier: list[Trial] = []
     crash: Trial | None = None  # the smallest size that killed a child so far

@@ -1,10 +1,14 @@
-"""`find_safe_batch_size`: check the arguments, pick the device backend, build the workload, search."""
+"""`find_safe_batch_size`: the settings as a `ProbeSpec`, the cache, the device backend, the workload, the search."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -14,49 +18,56 @@ from ._units import parse_size
 from .devices import MemoryBackend, MemoryLimit, get_backend
 from .results import ProbeResult, Trial
 from .search import search
-from .step import AMP_DTYPES
+from .spec import ProbeSpec
 from .workload import OptimizerSpec, make_workload
 
-__all__ = ["find_safe_batch_size"]
+__all__ = ["find_safe_batch_size", "module_fingerprint"]
+
+Target = nn.Module | Callable[[int], object] | str
 
 
-def _check_positive(name: str, value: int | None, fix: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}. {fix}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}. {fix}")
+def module_fingerprint(model: nn.Module) -> str:
+    """A short hash of a module's architecture: its module tree, and each parameter's and buffer's shape and dtype.
+
+    Two instances of one architecture share it whatever their weights; any change of layer, width or dtype
+    changes it. It names a module in the probe cache.
+
+    Example:
+        >>> a, b = nn.Linear(4, 2), nn.Linear(4, 2)
+        >>> module_fingerprint(a) == module_fingerprint(b), module_fingerprint(a) == module_fingerprint(nn.Linear(4, 3))
+        (True, False)
+    """
+    parts = [repr(model)]
+    parts += [f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for name, p in model.named_parameters()]
+    parts += [f"{name}:{tuple(b.shape)}:{b.dtype}" for name, b in model.named_buffers()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _check_arguments(
-    headroom: float,
-    requested: int | None,
-    max_batch_size: int | None,
-    multiple_of: int,
-    steps_per_trial: int,
-    amp: str | None,
-    objective: str,
-) -> None:
-    _check_positive("requested", requested, "Pass the batch size you want, or leave it out to search from small.")
-    _check_positive("max_batch_size", max_batch_size, "Pass the largest size worth probing, e.g. the dataset length.")
-    _check_positive("multiple_of", multiple_of, "Pass 1 for any size, or e.g. 8 for multiples of 8.")
-    _check_positive("steps_per_trial", steps_per_trial, "Pass 1 or more.")
-    if isinstance(headroom, bool) or not isinstance(headroom, (int, float)) or not 0 <= headroom < 1:
-        raise ValueError(f"headroom must be a fraction in [0, 1), got {headroom!r}. The default 0.2 keeps 20% free.")
-    if max_batch_size is not None and max_batch_size < multiple_of:
-        raise ValueError(
-            f"max_batch_size {max_batch_size} is below multiple_of {multiple_of}: no size is allowed. "
-            "Raise max_batch_size or lower multiple_of."
-        )
-    if objective not in ("memory", "throughput"):
-        raise ValueError(f"Unknown objective {objective!r}. Use 'memory' or 'throughput'.")
-    if amp is not None and amp not in AMP_DTYPES:
-        raise ValueError(f"Unknown amp {amp!r}. Use None, 'bf16' or 'fp16'.")
+def _optimizer_name(optimizer: OptimizerSpec | None) -> str:
+    if optimizer is None:
+        return "adamw"
+    if isinstance(optimizer, str):
+        return optimizer
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return f"custom:{type(optimizer).__name__}"
+    return f"custom:{getattr(optimizer, '__qualname__', type(optimizer).__name__)}"
+
+
+def _identity(target: object, spec: ProbeSpec, cache_key: str | None) -> str | None:
+    """What names the target in the cache: a timm name, a module's fingerprint, or the caller's key."""
+    if cache_key is not None:
+        if not isinstance(cache_key, str) or not cache_key:
+            raise TypeError(f"cache_key must be a non-empty string, got {cache_key!r}.")
+        return cache_key
+    if isinstance(target, str):
+        return target
+    if isinstance(target, nn.Module):
+        return f"{type(target).__name__}:{module_fingerprint(target)}"
+    return spec.model
 
 
 def find_safe_batch_size(
-    target: nn.Module | Callable[[int], object],
+    target: Target,
     *,
     input_shape: Sequence[int] | None = None,
     num_classes: int | None = None,
@@ -75,6 +86,11 @@ def find_safe_batch_size(
     objective: Literal["memory", "throughput"] = "memory",
     on_trial: Callable[[Trial], None] | None = None,
     model: nn.Module | None = None,
+    spec: ProbeSpec | None = None,
+    cache: bool | str | Path = False,
+    cache_key: str | None = None,
+    isolate: bool = False,
+    trial_timeout_s: float = 600.0,
 ) -> ProbeResult:
     """Find the largest batch size a training step can use without running out of memory.
 
@@ -85,7 +101,8 @@ def find_safe_batch_size(
     and restores it afterwards.
 
     Args:
-        target: an ``nn.Module`` (steps on synthetic batches of ``input_shape``; its weights, buffers,
+        target: a timm model name (built without weights), an ``nn.Module`` (steps on synthetic batches of
+            ``input_shape``; its weights, buffers,
             gradients and the RNG are put back afterwards), or a function ``step(batch_size)`` that runs
             one full training step itself and creates its batch inside (only what is allocated inside the
             probe is measured). A step function is called once at a tiny size first (uncounted, so the
@@ -113,6 +130,15 @@ def find_safe_batch_size(
             5% of the best samples/s among those that fit (larger is not always faster on MPS).
         on_trial: called with each `Trial` as it completes (for progress displays).
         model: for a step function, the module it trains: saved before the probe and restored after it.
+        spec: all the settings above (``input_shape`` to ``objective``) as one `ProbeSpec`, instead of keywords.
+        cache: reuse an answer found before for the same settings on this device, under a limit no larger than
+            today's, and store new answers: True for the user cache folder (``$AUTOBATCH_CACHE_DIR`` when set),
+            or a folder. ``ProbeResult.cached`` says whether the answer came from it. A timm name is looked up
+            before any model is built; a module is named by its architecture's fingerprint.
+        cache_key: names a step function in the cache (required with ``cache`` for one).
+        isolate: probe in a child process, so a Metal abort or a hang marks a size too big instead of killing
+            this process (a timm name only; see `find_safe_batch_size_isolated` for a factory).
+        trial_timeout_s: with ``isolate``, seconds a trial may run before its size counts as too big.
 
     Returns:
         A `ProbeResult`: ``batch_size`` (recommended), ``max_batch_size`` (largest verified), the limit,
@@ -132,47 +158,140 @@ def find_safe_batch_size(
         ...                               device=simulated_backend("mps:16GiB"), memory_limit="1GiB")
         >>> result.batch_size > 1000, result.trials[-1].peak_bytes <= result.limit_bytes
         (True, True)
+
+        The same probe again, from the cache:
+
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     first, again = (find_safe_batch_size(model, input_shape=(3, 32, 32), num_classes=10, cache=folder,
+        ...                     device=simulated_backend("mps:16GiB"), memory_limit="1GiB") for _ in range(2))
+        >>> first.cached, again.cached, again.batch_size == first.batch_size
+        (False, True, True)
     """
-    _check_arguments(headroom, requested, max_batch_size, multiple_of, steps_per_trial, amp, objective)
-    limit_bytes = parse_size(memory_limit) if memory_limit is not None else None
+    settings = ProbeSpec(
+        input_shape=input_shape,  # type: ignore[arg-type]
+        num_classes=num_classes,
+        optimizer=_optimizer_name(optimizer),
+        amp=amp,
+        channels_last=channels_last,
+        memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
+        headroom=headroom,
+        requested=requested,
+        max_batch_size=max_batch_size,
+        multiple_of=multiple_of,
+        steps_per_trial=steps_per_trial,
+        find_max=find_max,
+        objective=objective,
+    )
+    if spec is None:
+        spec = settings
+    elif settings != ProbeSpec(optimizer=settings.optimizer if not isinstance(optimizer, str) else "adamw"):
+        raise TypeError("Pass the probe's settings either as spec= or as keyword arguments, not both.")
+    if cache and cache_key is None and not isinstance(target, (str, nn.Module)) and spec.model is None:
+        raise ValueError(
+            "cache=True needs cache_key='...' for a step function: a name for what it trains, e.g. "
+            "cache_key='my-bert-seq512'. Pass one, or leave the cache off."
+        )
+    spec = dataclasses.replace(spec, model=_identity(target, spec, cache_key))
     backend = get_backend(device)
-    limit = _split_between_local_ranks(backend, backend.limit(limit_bytes), explicit=limit_bytes is not None)
+    limit = _split_between_local_ranks(
+        backend, backend.limit(spec.memory_limit), explicit=spec.memory_limit is not None
+    )
+    backend.check_can_run(limit.bytes)
+    key = spec.cache_key(backend.identity()) if cache else None
+    folder = Path(cache) if isinstance(cache, (str, Path)) and not isinstance(cache, bool) else None
+    if key is not None:
+        from . import cache as disk
+
+        # Under torchrun rank 0 reads the cache and tells the others, so every rank probes, or none does.
+        hit = distributed.rank_zero_decides(functools.partial(disk.load, key, limit.bytes, folder=folder))
+        if hit is not None:
+            return dataclasses.replace(hit, cached=True)
+    if isolate:
+        result = _isolated(target, spec, backend, on_trial, trial_timeout_s)
+    else:
+        result = _probe(
+            target, spec, backend, limit, loss_fn=loss_fn, optimizer=optimizer, model=model, on_trial=on_trial
+        )
+    if key is not None and distributed.rank_and_world()[0] == 0:
+        from . import cache as disk
+
+        disk.store(key, result, folder=folder)
+    return result
+
+
+def _probe(
+    target: Target,
+    spec: ProbeSpec,
+    backend: MemoryBackend,
+    limit: MemoryLimit,
+    *,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None,
+    optimizer: OptimizerSpec | None,
+    model: nn.Module | None,
+    on_trial: Callable[[Trial], None] | None,
+) -> ProbeResult:
+    if isinstance(target, str):
+        from .models import create_model
+
+        target = create_model(target, spec.num_classes)
+    assert not isinstance(target, str)
     workload = make_workload(
         target,
         device=backend.device,
-        input_shape=input_shape,
-        num_classes=num_classes,
+        input_shape=spec.input_shape,
+        num_classes=spec.num_classes,
         loss_fn=loss_fn,
-        optimizer=optimizer,
-        amp=amp,
-        channels_last=channels_last,
+        optimizer=optimizer if optimizer is not None or not isinstance(target, nn.Module) else spec.optimizer,
+        amp=spec.amp,
+        channels_last=spec.channels_last,
+        grad_scaler=backend.uses_grad_scaler,
         model=model,
     )
     try:
         with workload, backend.session(limit.bytes):
-            result = search(
+            return search(
                 workload,
                 backend,
                 limit,
-                headroom=float(headroom),
-                requested=requested,
-                max_batch_size=max_batch_size,
-                multiple_of=multiple_of,
-                steps_per_trial=steps_per_trial,
-                find_max=find_max,
-                objective=objective,
+                headroom=float(spec.headroom),
+                requested=spec.requested,
+                max_batch_size=spec.max_batch_size,
+                multiple_of=spec.multiple_of,
+                steps_per_trial=spec.steps_per_trial,
+                find_max=spec.find_max,
+                objective=spec.objective,
                 on_trial=on_trial,
             )
     except BaseException as exc:
         # The failed step's frames hold its batch and activations until the caller lets go of the error, and
         # would then land in the cache emptied below: free them now (the traceback keeps its lines).
         traceback.clear_frames(exc.__traceback__)
-        if isinstance(exc, Exception):
-            distributed.share_failure(exc)  # the other ranks stop with it instead of waiting for this one
         raise
     finally:
         backend.clear_cache()  # after the workload let go of its optimizer: leave no cached buffers behind
-    return distributed.agree_on_probe(result)
+
+
+def _isolated(
+    target: Target,
+    spec: ProbeSpec,
+    backend: MemoryBackend,
+    on_trial: Callable[[Trial], None] | None,
+    trial_timeout_s: float,
+) -> ProbeResult:
+    if not isinstance(target, str):
+        raise TypeError(
+            "isolate=True needs a timm model name to build in the child process; for a module or a step function "
+            "call find_safe_batch_size_isolated(factory, ...) with a picklable factory."
+        )
+    from .isolate import find_safe_batch_size_isolated
+    from .models import check_model_name, create_model
+
+    check_model_name(target)  # here, with its own message, rather than in the child
+    factory = functools.partial(create_model, target, spec.num_classes)
+    return find_safe_batch_size_isolated(
+        factory, trial_timeout_s=trial_timeout_s, spec=spec, device=backend, on_trial=on_trial
+    )
 
 
 def _split_between_local_ranks(backend: MemoryBackend, limit: MemoryLimit, *, explicit: bool) -> MemoryLimit:

@@ -53,8 +53,10 @@ def trials_table(result: ProbeResult) -> Table:
         >>> from rich.console import Console
         >>> from mps_autobatch.results import ProbeResult, Trial
         >>> trial = Trial(8, "ok", 3 * 2**30, 2 * 2**30, 0.25, 32.0, True)
-        >>> r = ProbeResult(8, 8, "cpu", 4 * 2**30, "memory_limit", 3 * 2**30 + 2**29, 0.125, None, None,
-        ...                 "measure", "", 1, None, None, (trial,), 1.0)
+        >>> r = ProbeResult(batch_size=8, max_batch_size=8, device="cpu", limit_bytes=4 * 2**30,
+        ...     limit_source="memory_limit", budget_bytes=3 * 2**30 + 2**29, headroom=0.125, fixed_bytes=None,
+        ...     per_sample_bytes=None, strategy="measure", note="", steps_per_trial=1, requested=None,
+        ...     accumulation=None, trials=(trial,), elapsed_s=1.0)
         >>> console = Console(record=True, width=120, file=io.StringIO())
         >>> console.print(trials_table(r))
         >>> text = console.export_text()
@@ -99,8 +101,10 @@ def summary_lines(result: ProbeResult) -> list[str]:
 
     Example:
         >>> from mps_autobatch.results import ProbeResult
-        >>> r = ProbeResult(24, 28, "mps", 16 * 2**30, "recommended_max_memory", 12 * 2**30 + 2**29, 0.2,
-        ...                 2**30, 400 * 2**20, "measure", "", 1, 32, (16, 2), (), 12.5)
+        >>> r = ProbeResult(batch_size=24, max_batch_size=28, device="mps", limit_bytes=16 * 2**30,
+        ...     limit_source="recommended_max_memory", budget_bytes=12 * 2**30 + 2**29, headroom=0.2,
+        ...     fixed_bytes=2**30, per_sample_bytes=400 * 2**20, strategy="measure", note="", steps_per_trial=1,
+        ...     requested=32, accumulation=(16, 2), trials=(), elapsed_s=12.5)
         >>> for line in summary_lines(r):
         ...     print(line)
         Recommended batch size: 24

@@ -45,7 +45,7 @@ class Trial:
         return self.outcome == "ok"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ProbeResult:
     """The answer of `find_safe_batch_size`, with every measurement behind it.
 
@@ -70,6 +70,7 @@ class ProbeResult:
             is the smallest size within 5% of the best measured samples/s among sizes that fit).
         memory_batch_size: the memory objective's answer, whatever the objective.
         throughput: for the throughput objective, (batch size, samples/s) of each size timed.
+        cached: the answer came from the probe cache (``cache=True``) rather than from trials run now.
     """
 
     batch_size: int
@@ -91,6 +92,7 @@ class ProbeResult:
     objective: Literal["memory", "throughput"] = "memory"
     memory_batch_size: int | None = None
     throughput: tuple[tuple[int, float], ...] = ()
+    cached: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON.
@@ -98,8 +100,10 @@ class ProbeResult:
         Example:
             >>> import json
             >>> from mps_autobatch import ProbeResult
-            >>> r = ProbeResult(8, 10, "cpu", 100, "memory_limit", 80, 0.2, 10, 8, "measure", "", 1, None,
-            ...                 None, (), 0.5)
+            >>> r = ProbeResult(batch_size=8, max_batch_size=10, device="cpu", limit_bytes=100,
+            ...     limit_source="memory_limit", budget_bytes=80, headroom=0.2, fixed_bytes=10, per_sample_bytes=8,
+            ...     strategy="measure", note="", steps_per_trial=1, requested=None, accumulation=None, trials=(),
+            ...     elapsed_s=0.5)
             >>> json.loads(json.dumps(r.to_dict()))["batch_size"]
             8
         """

@@ -11,6 +11,7 @@ back to crash-driven bisection, exact to the size, and says so.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import traceback
@@ -20,6 +21,7 @@ from typing import Literal, Protocol
 
 import torch
 
+from . import distributed
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend, MemoryLimit
 from .errors import NoBatchSizeFits
@@ -175,7 +177,13 @@ class _Search:
     def warm_up(self, batch_size: int) -> None:
         gc.collect()  # what earlier work left in reference cycles, once, before anything is measured
         self.backend.clear_cache()  # a cache left by earlier work would hold the warm-up's tensors
-        self.workload.warm_up(batch_size)
+        error = None
+        try:
+            self.workload.warm_up(batch_size)
+        except Exception as exc:
+            traceback.clear_frames(exc.__traceback__)
+            error = exc
+        distributed.agree_on_outcome(error)  # under torchrun: it ran on every rank, or it raises on every rank
         self.backend.clear_cache()
         with self.backend.measure() as idle:
             pass
@@ -185,7 +193,7 @@ class _Search:
 
     def trial(self, batch_size: int) -> Trial:
         self.backend.clear_cache()
-        error = None
+        error, failure = None, None
         try:
             with self.backend.measure() as window:
                 start = perf_counter()
@@ -194,28 +202,28 @@ class _Search:
                 self.backend.synchronize()
                 step_s = (perf_counter() - start) / self.steps
         except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            error = str(exc)
             # Keep the error for chaining but not its frames: their locals pin the failed step's tensors.
             traceback.clear_frames(exc.__traceback__)
-            self.last_oom = exc.with_traceback(None)
+            if not is_oom_error(exc):
+                failure = exc
+            else:
+                error = str(exc)
+                self.last_oom = exc.with_traceback(None)
+        if failure is not None:
+            # Under torchrun the other ranks wait for this trial's outcome: tell them, then raise it.
+            distributed.agree_on_trial(_failed(batch_size, ""), self.limit, failure)
         if error is not None:
             self._recover()
-            trial = Trial(batch_size, "oom", None, None, None, None, fits_budget=False, error=error)
+            measured = _failed(batch_size, error)
         else:
             peak = window.peak_bytes
             outcome: Outcome = "over_limit" if peak is not None and peak > self.limit else "ok"
-            fits = outcome == "ok" and peak is not None and peak <= self.budget
-            trial = Trial(
-                batch_size,
-                outcome,
-                peak,
-                window.allocated_bytes,
-                step_s,
-                batch_size / step_s,
-                fits_budget=fits,
-            )
+            measured = Trial(batch_size, outcome, peak, window.allocated_bytes, step_s, batch_size / step_s, False)
+        agreed = distributed.agree_on_trial(measured, self.limit)
+        if agreed.outcome == "oom" and measured.outcome != "oom":
+            self._recover()  # another rank ran out of memory: this one's step may have stopped half-way
+        fits = agreed.ok and agreed.peak_bytes is not None and agreed.peak_bytes <= self.budget
+        trial = dataclasses.replace(agreed, fits_budget=fits)
         self.trials.append(trial)
         if self.on_trial is not None:
             self.on_trial(trial)
@@ -428,7 +436,13 @@ class _Search:
                 if reason is not None:
                     strategy, note = "bisect", f"Fell back to crash-driven bisection: {reason}."
             units = self.next_measured() if strategy == "measure" else self.next_bisect()
+            # Under torchrun every rank runs the same sizes: rank 0 decides, from the agreed trials.
+            strategy, note, units = distributed.from_rank_zero((strategy, note, units))
         return strategy, note
+
+
+def _failed(batch_size: int, error: str) -> Trial:
+    return Trial(batch_size, "oom", None, None, None, None, fits_budget=False, error=error)
 
 
 def _largest_fitting(trials: tuple[Trial, ...]) -> int | None:

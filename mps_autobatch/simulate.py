@@ -40,7 +40,6 @@ from ._units import format_bytes, parse_size
 from .devices import (
     MPS_DEFAULT_HIGH_WATERMARK_RATIO,
     MPS_WATERMARK_ENV,
-    MemoryLimit,
     MPSBackend,
 )
 
@@ -327,27 +326,30 @@ class _GraphAwareBook(StorageBook):
 class SimulatedMPSBackend(MPSBackend):
     """The MPS backend reading a `SimulatedMPS`: what tests, benchmarks and ``--simulate`` probe.
 
-    Compute is real, so the simulated limit must fit in this machine's available RAM.
+    Compute is real, so a session's limit must fit in this machine's available RAM; describing the
+    simulated Mac (its limit, ``autobatch info``) does not need it.
     """
+
+    aborts_on_failure = False  # a simulated Metal failure raises; nothing aborts the process
+    collectives = "gloo"  # its tensors are CPU tensors
 
     def __init__(self, sim: SimulatedMPS) -> None:
         super().__init__(sim, sim.accelerator, device="cpu", host_memory=sim.host_memory, name="sim-mps")
         self.sim = sim
 
-    def limit(self, memory_limit: int | None = None) -> MemoryLimit:
-        limit = super().limit(memory_limit)
-        available = psutil.virtual_memory().available
-        if limit.bytes > available:
-            raise ValueError(
-                f"The simulated limit {format_bytes(limit.bytes)} is more than this machine's "
-                f"{format_bytes(available)} of available RAM, and simulated compute is real. "
-                "Simulate a smaller Mac or pass a smaller memory limit."
-            )
-        return limit
-
     def identity(self) -> str:
         sim = self.sim
         return f"sim-mps:{sim.memory_bytes}:{sim.recommended_max_bytes}:{sim.error_style}:{sim.allocator}"
+
+    def check_can_run(self, limit_bytes: int) -> None:
+        # Describing the simulated Mac needs no RAM; running steps up to its limit does.
+        available = psutil.virtual_memory().available
+        if limit_bytes > available:
+            raise ValueError(
+                f"The simulated limit {format_bytes(limit_bytes)} is more than this machine's "
+                f"{format_bytes(available)} of available RAM, and simulated compute is real. "
+                "Simulate a smaller Mac or pass a smaller memory limit."
+            )
 
     @contextmanager
     def session(self, limit_bytes: int) -> Iterator[None]:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AMP_DTYPES", "Amp", "Rewind", "TrainingStep", "autocast", "rng_state", "set_rng_state"]
+__all__ = ["AMP_DTYPES", "Amp", "Rewind", "TrainingStep", "autocast", "fork_rng", "rng_state", "set_rng_state"]
 
 Amp = Literal["bf16", "fp16"]
 
@@ -112,8 +112,9 @@ def rng_state(device: torch.device) -> dict[str, Any]:
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
-    if device.type in ("cuda", "mps"):
-        state[device.type] = _device_rng(device).get_rng_state()
+    rng = _device_rng(device)
+    if rng is not None:
+        state[device.type] = rng.get_rng_state()
     return state
 
 
@@ -122,13 +123,25 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if device.type in state:
-        _device_rng(device).set_rng_state(state[device.type])
+    rng = _device_rng(device)
+    if rng is not None and device.type in state:
+        rng.set_rng_state(state[device.type])
+
+
+def fork_rng(device: torch.device) -> AbstractContextManager[None]:
+    """Put every generator a step draws from back when the block ends: torch's CPU one and the device's.
+
+    Example:
+        >>> with fork_rng(torch.device("cpu")):
+        ...     _ = torch.rand(1)
+    """
+    return torch.random.fork_rng(devices=[] if _device_rng(device) is None else None, device_type=device.type)
 
 
 def _device_rng(device: torch.device) -> Any:
-    # torch.cuda and torch.mps both expose get_rng_state()/set_rng_state(state) for the current device.
-    return torch.cuda if device.type == "cuda" else torch.mps
+    """The device's own generator module (torch.cuda, torch.mps), or None where torch's CPU one is all."""
+    module = torch.get_device_module(device.type)
+    return module if hasattr(module, "get_rng_state") else None
 
 
 class Rewind:

@@ -25,7 +25,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
-from .step import Amp, Rewind, TrainingStep
+from .step import Amp, Rewind, TrainingStep, fork_rng
 
 __all__ = ["OPTIMIZERS", "CallableWorkload", "ModuleWorkload", "OptimizerSpec", "make_workload"]
 
@@ -213,7 +213,7 @@ class ModuleWorkload:
         model = self.model
         user_optimizer = self.optimizer_spec if isinstance(self.optimizer_spec, torch.optim.Optimizer) else None
         snapshot = _Snapshot(model, user_optimizer)
-        self._restore.enter_context(_fork_rng(self.device))
+        self._restore.enter_context(fork_rng(self.device))
         self._restore.callback(self._put_back, snapshot)
         model.to(self.device)
         if self.channels_last:
@@ -273,12 +273,6 @@ def _make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimi
     if callable(spec):
         return spec(model.parameters())
     raise TypeError(f"optimizer must be a name, an optimizer or a factory, got {spec!r}.")
-
-
-def _fork_rng(device: torch.device) -> Any:
-    if device.type in ("cuda", "mps"):
-        return torch.random.fork_rng(device_type=device.type)
-    return torch.random.fork_rng(devices=[])
 
 
 def make_workload(

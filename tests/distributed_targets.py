@@ -57,7 +57,12 @@ def _outcome(run: Any) -> dict[str, Any]:
         result = run()
     except Exception as exc:
         return {"error": type(exc).__name__, "message": str(exc).splitlines()[0]}
-    return {"batch_size": result.batch_size, "max_batch_size": result.max_batch_size, "note": result.note}
+    return {
+        "batch_size": result.batch_size,
+        "max_batch_size": result.max_batch_size,
+        "note": result.note,
+        "trials": [[t.batch_size, t.outcome, t.error] for t in result.trials],
+    }
 
 
 def _scenario(name: str, rank: int, folder: Path) -> dict[str, Any]:
@@ -76,22 +81,15 @@ def _scenario(name: str, rank: int, folder: Path) -> dict[str, Any]:
     if name == "no_fit_on_one_rank":
         return {"probe": _outcome(lambda: probe(["256MiB", "65MiB"][rank]))}
     if name == "cache_decided_by_rank_0":
-        from mps_autobatch._cli_common import _probe_or_cached
+        from mps_autobatch import find_safe_batch_size
         from mps_autobatch.simulate import simulated_backend
 
         os.environ["AUTOBATCH_CACHE_DIR"] = str(folder / f"cache{rank}")  # only rank 0's holds an answer
         settings = json.loads((folder / "settings.json").read_text())
         settings["input_shape"] = tuple(settings["input_shape"])
-        result, from_cache = _probe_or_cached(
-            "test_efficientnet",
-            simulated_backend("mps:16GiB"),
-            settings,
-            use_cache=True,
-            quiet=True,
-            isolate=False,
-            trial_timeout_s=60.0,
-        )
-        return {"batch_size": result.batch_size, "from_cache": from_cache}
+        backend = simulated_backend("mps:16GiB")
+        result = find_safe_batch_size("test_efficientnet", device=backend, cache=True, **settings)
+        return {"batch_size": result.batch_size, "from_cache": result.cached}
     raise ValueError(f"unknown scenario {name!r}")
 
 

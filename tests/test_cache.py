@@ -84,10 +84,23 @@ def test_store_then_load_round_trips(cache_home: Path) -> None:
 
 def test_round_trip_without_fit_or_accumulation(cache_home: Path) -> None:
     bisect = ProbeResult(
-        12, 16, "cpu", 8 * GIB, "memory_limit", int(6.4 * GIB), 0.2, None, None, "bisect",
-        "no memory counters on this device", 1, None, None,
-        (Trial(16, "ok", None, None, 1.2, 13.3, True),), 9.0,
-    )  # fmt: skip
+        batch_size=12,
+        max_batch_size=16,
+        device="cpu",
+        limit_bytes=8 * GIB,
+        limit_source="memory_limit",
+        budget_bytes=int(6.4 * GIB),
+        headroom=0.2,
+        fixed_bytes=None,
+        per_sample_bytes=None,
+        strategy="bisect",
+        note="no memory counters on this device",
+        steps_per_trial=1,
+        requested=None,
+        accumulation=None,
+        trials=(Trial(16, "ok", None, None, 1.2, 13.3, True),),
+        elapsed_s=9.0,
+    )
     cache.store(KEY, bisect)
 
     assert cache.load(KEY, limit_bytes=8 * GIB) == bisect

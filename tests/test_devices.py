@@ -77,5 +77,7 @@ def test_auto_picks_the_first_available_device():
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="checks the message on machines without MPS")
 def test_an_unavailable_device_is_one_clear_error():
-    with pytest.raises(ValueError, match=r"^Device 'mps' is not available on this machine. Use --device auto or cpu.$"):
+    # The library names its argument, never a CLI flag.
+    message = r"^Device 'mps' is not available on this machine \(found: 'cpu'\)\. Use device='auto'\.$"
+    with pytest.raises(ValueError, match=message):
         get_backend("mps")

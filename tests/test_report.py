@@ -94,9 +94,23 @@ def test_trials_table_keeps_trial_order_and_right_aligns_numbers() -> None:
 
 def test_trials_table_one_row_both_marks() -> None:
     result = ProbeResult(
-        16, 16, "cuda", 8 * GIB, "memory_limit", int(6.4 * GIB), 0.2, None, None, "measure", "", 1, None,
-        None, (TRIALS[0],), 3.0,
-    )  # fmt: skip
+        batch_size=16,
+        max_batch_size=16,
+        device="cuda",
+        limit_bytes=8 * GIB,
+        limit_source="memory_limit",
+        budget_bytes=int(6.4 * GIB),
+        headroom=0.2,
+        fixed_bytes=None,
+        per_sample_bytes=None,
+        strategy="measure",
+        note="",
+        steps_per_trial=1,
+        requested=None,
+        accumulation=None,
+        trials=(TRIALS[0],),
+        elapsed_s=3.0,
+    )
 
     assert _cells(_row(_render(result), 16))[-1] == "◀ recommended, max verified"
 
@@ -104,9 +118,23 @@ def test_trials_table_one_row_both_marks() -> None:
 def test_trials_table_unprobed_recommendation_is_in_the_caption() -> None:
     # bisect keeps headroom below the largest verified size, a size that was never run
     result = ProbeResult(
-        22, 28, "mps", 16 * GIB, "recommended_max_memory", int(12.8 * GIB), 0.2, None, None, "bisect",
-        "driver memory counters unavailable", 1, None, None, TRIALS, 30.0,
-    )  # fmt: skip
+        batch_size=22,
+        max_batch_size=28,
+        device="mps",
+        limit_bytes=16 * GIB,
+        limit_source="recommended_max_memory",
+        budget_bytes=int(12.8 * GIB),
+        headroom=0.2,
+        fixed_bytes=None,
+        per_sample_bytes=None,
+        strategy="bisect",
+        note="driver memory counters unavailable",
+        steps_per_trial=1,
+        requested=None,
+        accumulation=None,
+        trials=TRIALS,
+        elapsed_s=30.0,
+    )
 
     lines = _render(result)
 
@@ -130,9 +158,23 @@ def test_summary_lines() -> None:
 
 def test_summary_lines_bisect_with_note_and_no_stored_plan() -> None:
     result = ProbeResult(
-        24, 30, "cpu", 8 * GIB, "memory_limit", int(6.4 * GIB), 0.2, None, None, "bisect",
-        "no memory counters on this device", 1, 50, None, (), 4.0,
-    )  # fmt: skip
+        batch_size=24,
+        max_batch_size=30,
+        device="cpu",
+        limit_bytes=8 * GIB,
+        limit_source="memory_limit",
+        budget_bytes=int(6.4 * GIB),
+        headroom=0.2,
+        fixed_bytes=None,
+        per_sample_bytes=None,
+        strategy="bisect",
+        note="no memory counters on this device",
+        steps_per_trial=1,
+        requested=50,
+        accumulation=None,
+        trials=(),
+        elapsed_s=4.0,
+    )
 
     lines = summary_lines(result)
 
@@ -171,9 +213,23 @@ def test_plot_draws_the_lines(tmp_path: Path) -> None:
 def test_plot_without_fit(tmp_path: Path) -> None:
     image_module = pytest.importorskip("matplotlib.image")
     result = ProbeResult(
-        24, 28, "mps", 16 * GIB, "recommended_max_memory", int(12.8 * GIB), 0.2, None, None, "bisect", "",
-        1, None, None, TRIALS, 30.0,
-    )  # fmt: skip
+        batch_size=24,
+        max_batch_size=28,
+        device="mps",
+        limit_bytes=16 * GIB,
+        limit_source="recommended_max_memory",
+        budget_bytes=int(12.8 * GIB),
+        headroom=0.2,
+        fixed_bytes=None,
+        per_sample_bytes=None,
+        strategy="bisect",
+        note="",
+        steps_per_trial=1,
+        requested=None,
+        accumulation=None,
+        trials=TRIALS,
+        elapsed_s=30.0,
+    )
 
     image = image_module.imread(plot(result, tmp_path / "bisect.png"))
 

@@ -5,7 +5,7 @@ import re
 import pytest
 import torch
 
-from mps_autobatch import is_oom_error
+from mps_autobatch import find_safe_batch_size, is_oom_error
 from mps_autobatch.simulate import AllocatorModel, SimulatedMPS, simulated_backend
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
@@ -131,7 +131,12 @@ def test_bad_simulation_specs(spec, message):
         simulated_backend(spec)
 
 
-def test_a_simulated_limit_beyond_this_machines_ram_is_refused():
+def test_a_simulated_limit_beyond_this_machines_ram_is_refused_for_a_probe_only():
     backend = simulated_backend("mps:512GiB")
+    limit = backend.limit()  # describing the Mac needs no RAM
+    # The simulated Mac's own RAM (3/4 of 512 GiB free), below its allocator cap of 1.7 x 384 GiB.
+    assert limit.bytes == 384 * 2**30 and limit.source.startswith("RAM: 383.94 GiB available + 64.00 MiB held")
     with pytest.raises(ValueError, match=r"^The simulated limit .* is more than this machine's .* of available RAM"):
-        backend.limit()
+        backend.check_can_run(limit.bytes)
+    with pytest.raises(ValueError, match=r"^The simulated limit .* is more than this machine's .* of available RAM"):
+        find_safe_batch_size(lambda b: None, device=backend)

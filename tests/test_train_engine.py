@@ -92,15 +92,16 @@ def test_the_training_order_depends_only_on_seed_and_epoch():
 
 def test_accumulated_micro_batches_give_the_full_batch_gradient():
     from mps_autobatch.devices import get_backend
+    from mps_autobatch.step import TrainingStep
     from mps_autobatch.train._steps import forward_backward_retrying
 
     torch.manual_seed(0)
     model, images, labels = nn.Linear(4, 3), torch.randn(7, 4), torch.randint(3, (7,))
-    forward = lambda x, y: nn.functional.cross_entropy(model(x), y)  # noqa: E731
+    step = TrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.1), nn.functional.cross_entropy)
     nn.functional.cross_entropy(model(images), labels).backward()
     full = model.weight.grad.clone()
     model.zero_grad(set_to_none=True)
-    loss, micro = forward_backward_retrying(forward, None, model, get_backend("cpu"), images, labels, 3, print)
+    loss, micro = forward_backward_retrying(step, get_backend("cpu"), images, labels, 3, print)
     assert micro == 3 and torch.allclose(model.weight.grad, full)  # micro-batches of 3, 3 and 1, weighted by share
     assert loss.item() == pytest.approx(nn.functional.cross_entropy(model(images), labels).item())
 

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from ..devices import MemoryBackend
+from ..results import ProbeResult
 
 __all__ = ["Display", "memory_bytes"]
 
@@ -46,6 +47,18 @@ class Display:
                 transient=True,
             )
         self._task: TaskID | None = None
+
+    def probe(self, result: ProbeResult) -> None:
+        """The probe's trials and answer, before training starts."""
+        if self.quiet:
+            return
+        from ..report import summary_lines, trials_table
+
+        if result.cached:
+            self.print("Batch size from the probe cache (--no-probe-cache to probe again).")
+        self.console.print(trials_table(result))
+        for line in summary_lines(result):
+            self.print(line)
 
     def print(self, message: str) -> None:
         """One line for a person (above the bar while one is shown)."""

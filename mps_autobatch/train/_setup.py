@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-import platform
 import random
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -14,18 +12,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import distributed
 from .._units import parse_size
 from ..accumulation import plan_accumulation
-from ..devices import MemoryBackend, MPSBackend
+from ..devices import MemoryBackend
 from ..errors import AutobatchError
 from ..results import ProbeResult
+from ..spec import ProbeSpec
+from ..step import TrainingStep
+from ._steps import one_update
 from .checkpoint import UnreadableCheckpoint, load_checkpoint, remove_temporary_files
 from .config import TrainConfig
 
 __all__ = [
-    "BatchSizeFinder",
     "WeightsUnavailable",
-    "choose_amp",
     "choose_batch_sizes",
     "create_model",
     "lr_at",
@@ -33,15 +33,10 @@ __all__ = [
     "memory_session",
     "model_data_config",
     "prepare_output",
-    "probe_here",
-    "probe_settings",
+    "probe_training_step",
     "resolve_device",
     "seed_everything",
 ]
-
-BatchSizeFinder = Callable[[nn.Module, MemoryBackend, dict[str, Any]], ProbeResult]
-"""``find(model, backend, settings) -> ProbeResult`` for ``batch_size="auto"``; ``settings`` are
-`find_safe_batch_size` keyword arguments (the CLI's finder adds its cache and prints the table)."""
 
 
 class WeightsUnavailable(AutobatchError):
@@ -88,46 +83,6 @@ def create_model(name: str, num_classes: int, *, pretrained: bool, weights: str 
             f"Could not load pretrained weights for {name!r} {source} ({reason}). "
             "Pass --weights FILE with a local copy, or --no-pretrained to train from scratch."
         ) from exc
-
-
-def _mps_bf16_supported() -> bool:
-    # Autocast on MPS arrived in torch 2.5; bf16 on the GPU needs macOS 14 (REFERENCE.md B).
-    torch_version = tuple(int(part) for part in torch.__version__.split(".")[:2])
-    mac = platform.mac_ver()[0]
-    return torch_version >= (2, 5) and bool(mac) and int(mac.split(".")[0]) >= 14
-
-
-def choose_amp(setting: str, device: torch.device) -> str | None:
-    """The autocast dtype to train with ("bf16", "fp16" or None for fp32) for an --amp setting on a device.
-
-    "auto" is bf16 on CUDA (fp16 with a GradScaler where bf16 is missing), bf16 on MPS where torch and
-    macOS support it and fp32 otherwise, fp32 on CPU.
-
-    Raises:
-        ValueError: the device cannot run the requested precision.
-
-    Example:
-        >>> choose_amp("auto", torch.device("cpu")), choose_amp("bf16", torch.device("cpu"))
-        (None, 'bf16')
-    """
-    if setting == "off":
-        return None
-    if device.type == "cuda":
-        if setting == "auto":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return setting
-    if device.type == "mps":
-        supported = _mps_bf16_supported()
-        if setting == "auto":
-            return "bf16" if supported else None
-        if setting == "fp16":
-            raise ValueError("--amp fp16 needs a GradScaler, which has had bugs on MPS. Pass --amp bf16 or --amp off.")
-        if not supported:
-            raise ValueError("--amp bf16 on MPS needs torch >= 2.5 and macOS 14 or later. Pass --amp off.")
-        return setting
-    if setting == "fp16":
-        raise ValueError("--amp fp16 is for CUDA GPUs. On the CPU pass --amp bf16 or --amp off.")
-    return None if setting == "auto" else setting
 
 
 def make_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -185,51 +140,73 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def probe_settings(
-    config: TrainConfig, num_classes: int, amp: str | None, channels_last: bool, n_train: int
-) -> dict[str, Any]:
-    """The `find_safe_batch_size` arguments for this exact run (the CLI's probe cache is keyed on them)."""
-    requested = config.effective_batch_size
-    return {
-        "input_shape": (3, config.image_size, config.image_size),
-        "num_classes": num_classes,
-        "optimizer": config.optimizer,
-        "amp": amp,
-        "channels_last": channels_last,
-        "memory_limit": parse_size(config.memory_limit) if config.memory_limit is not None else None,
-        "headroom": 0.2,
-        "requested": requested,
-        "max_batch_size": min(requested or n_train, n_train),
-        "multiple_of": 1,
-        "steps_per_trial": 1,
-        "find_max": False,
-        "objective": "memory",
-    }
+def probe_training_step(
+    step: TrainingStep,
+    model: nn.Module,
+    backend: MemoryBackend,
+    config: TrainConfig,
+    num_classes: int,
+    n_train: int,
+) -> ProbeResult:
+    """Probe the run's own step: `one_update` on a synthetic batch of the run's images and classes.
 
-
-def probe_here(model: nn.Module, backend: MemoryBackend, settings: dict[str, Any]) -> ProbeResult:
+    Every rank runs the same trials in lockstep (the step votes before it averages gradients); the model,
+    the optimizer and the scaler are put back bit for bit afterwards, and the run's random stream is left as
+    it was. The answer is cached under the model name, the step's settings and the device when
+    ``config.probe_cache`` is on.
+    """
     from ..probe import find_safe_batch_size
 
-    return find_safe_batch_size(model, device=backend, **settings)
+    shape = (3, config.image_size, config.image_size)
+
+    def one_training_update(batch_size: int) -> None:
+        # On the host, as the DataLoader hands them over; the step moves them to the device.
+        images = torch.randn(batch_size, *shape)
+        labels = torch.randint(num_classes, (batch_size,))
+        one_update(step, images, labels)
+
+    _, ranks = distributed.rank_and_world()
+    requested = config.effective_batch_size
+    spec = ProbeSpec(
+        model=f"{config.model} (autobatch train step: label smoothing {config.label_smoothing}, {ranks} ranks)",
+        input_shape=shape,
+        num_classes=num_classes,
+        optimizer=config.optimizer,
+        amp=step.amp,  # type: ignore[arg-type]
+        channels_last=step.channels_last,
+        memory_limit=parse_size(config.memory_limit) if config.memory_limit is not None else None,
+        requested=requested,
+        max_batch_size=min(requested or n_train, n_train),
+    )
+    scaler_state = step.scaler.state_dict() if step.scaler is not None else None
+    with torch.random.fork_rng(devices=[]):  # the probe's batches must not move the run's random stream
+        result = find_safe_batch_size(
+            one_training_update,
+            spec=spec,
+            device=backend,
+            model=model,
+            optimizer=step.optimizer,
+            cache=config.probe_cache,
+            cache_key=spec.model,
+        )
+    if step.scaler is not None and scaler_state is not None:
+        step.scaler.load_state_dict(scaler_state)
+    return result
 
 
 def choose_batch_sizes(
-    config: TrainConfig,
-    model: nn.Module,
-    backend: MemoryBackend,
-    settings: dict[str, Any],
-    find: BatchSizeFinder,
-    n_train: int,
+    config: TrainConfig, probe: ProbeResult | None, n_train: int
 ) -> tuple[int, int, dict[str, Any] | None]:
     """(micro-batch, effective batch, the probe's event or None) for a new run."""
     event = None
-    if config.batch_size == "auto":
-        with torch.random.fork_rng(devices=[]):  # the probe's batches must not move the run's random stream
-            result = find(model, backend, settings)
-        safe = result.batch_size
-        event = {"event": "probe", "batch_size": safe, "max_batch_size": result.max_batch_size}
-        event |= {"limit_bytes": result.limit_bytes, "device": result.device, "strategy": result.strategy}
+    if probe is not None:
+        safe = probe.batch_size
+        event = {"event": "probe", "batch_size": safe, "max_batch_size": probe.max_batch_size}
+        event |= {"limit_bytes": probe.limit_bytes, "device": probe.device, "strategy": probe.strategy}
+        event |= {"cached": probe.cached}
+        event |= {"peak_bytes": next((t.peak_bytes for t in probe.trials if t.batch_size == safe), None)}
     else:
+        assert config.batch_size != "auto"
         safe = config.batch_size
     effective = config.effective_batch_size or (min(safe, n_train) if event else safe)
     if effective > n_train:
@@ -244,9 +221,9 @@ def choose_batch_sizes(
 def memory_session(backend: MemoryBackend, memory_limit: int | None) -> AbstractContextManager[Any]:
     # MPS's default cap is above the Mac's RAM, so an oversized step would swap instead of raising
     # (REFERENCE.md B): keep the probe's cap set while training. Elsewhere the allocator already raises.
-    if isinstance(backend, MPSBackend):
-        return backend.session(backend.limit(memory_limit).bytes)
-    return nullcontext()
+    limit = backend.limit(memory_limit).bytes
+    backend.check_can_run(limit)
+    return backend.session(limit) if backend.keeps_cap_while_training else nullcontext()
 
 
 def resolve_device(config: TrainConfig) -> str | MemoryBackend:

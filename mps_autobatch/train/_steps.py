@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -16,15 +16,14 @@ from ..accumulation import micro_batch_sizes
 from ..devices import MemoryBackend
 from ..errors import AutobatchError
 from ..oom import is_oom_error
-from .checkpoint import rng_state, set_rng_state
+from ..step import Rewind, TrainingStep, autocast
 
 __all__ = [
     "MAX_OOM_RETRIES",
     "TrainingOutOfMemory",
     "evaluate",
     "forward_backward_retrying",
-    "micro_loss",
-    "optimizer_step",
+    "one_update",
     "set_lr",
 ]
 
@@ -42,39 +41,12 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
     return lr
 
 
-def micro_loss(
-    model: nn.Module,
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp: str | None,
-    channels_last: bool,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with _autocast(device, amp):
-        return loss_fn(model(images), labels.to(device, non_blocking=True))
-
-
-def _autocast(device: torch.device, amp: str | None) -> AbstractContextManager[Any]:
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    return torch.autocast(device.type, dtype=dtypes[amp]) if amp else nullcontext()
-
-
-def _forward_backward(
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scaler: torch.amp.GradScaler | None,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    micro: int,
-) -> torch.Tensor:
+def _forward_backward(step: TrainingStep, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
     """Accumulate the gradient of the batch's mean loss; each micro-batch weighted by its share of the batch."""
     total, start, loss_sum = len(images), 0, None
     for size in micro_batch_sizes(total, micro):
-        loss = forward(images[start : start + size], labels[start : start + size]) * (size / total)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss = step.loss(images[start : start + size], labels[start : start + size]) * (size / total)
+        step.backward(loss)
         # Summed on the device: reading it (a sync point) is left to the log step, once per update.
         loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
         start += size
@@ -82,66 +54,65 @@ def _forward_backward(
     return loss_sum
 
 
-def _norm_stats(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    norms = (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase))
-    return [(buffer, buffer.detach().clone()) for m in norms for buffer in m.buffers(recurse=False)]
+def _agreed_forward_backward(
+    step: TrainingStep, images: torch.Tensor, labels: torch.Tensor, micro: int
+) -> torch.Tensor:
+    """`_forward_backward` on every rank, or an error on every rank; gradients averaged once all succeeded.
+
+    Under DDP (``step.model`` a `DistributedDataParallel`) the pass accumulates gradients locally
+    (``no_sync``) and the ranks vote on its outcome before any gradient is reduced: syncing inside
+    ``backward()`` would leave the other ranks waiting in its all-reduce for a rank that had already failed.
+    """
+    accumulate = step.model.no_sync if isinstance(step.model, DistributedDataParallel) else nullcontext
+    error, loss = None, None
+    try:
+        with accumulate():
+            loss = _forward_backward(step, images, labels, micro)
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)  # its frames pin the failed pass's activations
+        error = exc
+    distributed.agree_on_outcome(error, "the training step")
+    distributed.average_gradients(step.model.parameters())
+    assert loss is not None
+    return loss
 
 
-@torch.no_grad()
-def _put_back(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for buffer, value in saved:
-        buffer.copy_(value)
+def one_update(step: TrainingStep, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One whole optimizer update on one batch, exactly as the loop runs it at a micro-batch of the whole batch.
 
-
-_OK, _OUT_OF_MEMORY, _FAILED = 0, 1, 2  # one rank's outcome of a pass; the ranks act on the worst
+    This is the step ``--batch-size auto`` probes: the trainer's model (channels_last, the DDP wrapper), its
+    loss, optimizer, scaler and gradient averaging, on every rank in lockstep.
+    """
+    _agreed_forward_backward(step, images, labels, len(images))
+    step.update()
 
 
 def forward_backward_retrying(
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    scaler: torch.amp.GradScaler | None,
-    model: nn.Module,
+    step: TrainingStep,
     backend: MemoryBackend,
     images: torch.Tensor,
     labels: torch.Tensor,
     micro: int,
     on_oom: Callable[[int, int, str], None],
 ) -> tuple[torch.Tensor, int]:
-    """`_forward_backward`, re-run on the same batch with half the micro-batch after an out-of-memory error.
+    """`_agreed_forward_backward`, re-run on the same batch with half the micro-batch after an out-of-memory error.
 
     A failed pass leaves partial gradients, moved BatchNorm running statistics and advanced RNGs: all three
-    are put back before the re-run, so it computes what a run at the smaller micro-batch would have.
-
-    Under DDP (``model`` a `DistributedDataParallel`) the pass accumulates gradients locally (``no_sync``),
-    the ranks then vote on its outcome, and only after all succeeded are the gradients averaged. A rank
+    are put back before the re-run, so it computes what a run at the smaller micro-batch would have. A rank
     that runs out of memory makes every rank halve together; one that fails otherwise stops them all.
-    Syncing inside ``backward()`` instead would leave the other ranks waiting in its all-reduce for a
-    rank that had already failed.
     """
-    stats, rng, first = _norm_stats(model), rng_state(backend.device), micro
-    accumulate = model.no_sync if isinstance(model, DistributedDataParallel) else nullcontext
+    rewind, first = Rewind(step.model, backend.device), micro
     for retry in range(MAX_OOM_RETRIES + 1):
-        message = "another rank ran out of memory"
         try:
-            with accumulate():
-                loss = _forward_backward(forward, scaler, images, labels, micro)
-            outcome = _OK
+            return _agreed_forward_backward(step, images, labels, micro), micro
         except Exception as exc:
             if not is_oom_error(exc):
-                distributed.agree_max(_FAILED)  # release the other ranks from their vote, then stop
                 raise
             # The allocator's numbers, without MPS's hint to lift the limit (the cap is there on purpose).
             message = str(exc).splitlines()[0].split(" Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")[0]
-            outcome = _OUT_OF_MEMORY
-        worst = distributed.agree_max(outcome)
-        if worst == _FAILED:
-            raise AutobatchError("Another rank failed during the training step; its error is in that rank's output.")
-        if worst == _OK:
-            distributed.average_gradients(model.parameters())
-            return loss, micro
         # Outside the except block: the traceback, and the activations its frames pinned, are gone.
-        model.zero_grad(set_to_none=True)
-        _put_back(stats)
-        set_rng_state(rng, backend.device)
+        step.model.zero_grad(set_to_none=True)
+        rewind.restore()
         backend.clear_cache()
         if retry == MAX_OOM_RETRIES or micro == 1:
             break
@@ -151,14 +122,6 @@ def forward_backward_retrying(
         f"Out of memory even at micro-batch {micro} (from {first}, after {MAX_OOM_RETRIES} halvings at most): "
         f"{message} Pass a smaller --image-size or model, or a larger --memory-limit."
     )
-
-
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> None:
-    if scaler is None:
-        optimizer.step()
-        return
-    scaler.step(optimizer)
-    scaler.update()
 
 
 def _score(
@@ -173,7 +136,7 @@ def _score(
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with _autocast(device, amp):
+    with autocast(device, amp):
         logits = model(images).float()
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
     loss = nn.functional.cross_entropy(logits, labels, reduction="sum")

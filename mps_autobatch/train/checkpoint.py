@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import os
-import random
 import signal
 import tempfile
 from collections import Counter
@@ -29,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -38,9 +36,7 @@ __all__ = [
     "UnreadableCheckpoint",
     "load_checkpoint",
     "remove_temporary_files",
-    "rng_state",
     "save_checkpoint",
-    "set_rng_state",
     "write_metrics",
 ]
 
@@ -164,31 +160,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or "model" not in state:
         raise UnreadableCheckpoint(path, "not an autobatch training checkpoint (no model state in it)")
     return state
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """Every random-number state a training step reads: Python, numpy, torch CPU and the device's."""
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    """Put back what `rng_state` returned (the device's state only on the same kind of device)."""
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    elif device.type == "mps" and "mps" in state:
-        torch.mps.set_rng_state(state["mps"])
 
 
 def write_metrics(folder: str | Path, epochs: Sequence[dict[str, Any]], extra: dict[str, Any]) -> tuple[Path, Path]:

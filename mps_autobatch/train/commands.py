@@ -68,30 +68,6 @@ def _batch_size(text: str) -> int | Literal["auto"]:
         raise _cli._BadInput(f"--batch-size must be a positive integer or auto, got {text!r}.") from None
 
 
-def _finder(model: str, *, use_cache: bool) -> Any:
-    """A `BatchSizeFinder` that uses the probe command's cache and prints its table."""
-    from ..report import summary_lines, trials_table
-
-    def find(_: Any, backend: Any, settings: dict[str, Any]) -> Any:
-        result, cached = _cli._probe_or_cached(
-            model,
-            backend,
-            settings,
-            use_cache=use_cache,
-            quiet=False,
-            isolate=None,
-            trial_timeout_s=600.0,
-        )
-        if cached:
-            _cli.err.print("[dim]Batch size from the probe cache (--no-probe-cache to probe again).[/dim]")
-        _cli.err.print(trials_table(result))
-        for line in summary_lines(result):
-            _cli.err.print(line, highlight=False, markup=False)
-        return result
-
-    return find
-
-
 def train_command(
     dataset: Annotated[str, typer.Option(help="food-101, imagefolder:PATH or synthetic.")] = "food-101",
     data_dir: Annotated[str, typer.Option(help="The folder holding food-101/ (or to download it to).")] = "data",
@@ -148,12 +124,13 @@ def train_command(
     last.pt and best.pt to the run folder. An out-of-memory error mid-run halves the micro-batch and keeps
     the effective batch with gradient accumulation.
     """
+    from ..models import check_model_name
     from ._display import Display
     from .config import TrainConfig
     from .engine import train
 
     with _reported_train():
-        _cli._check_model(model)
+        check_model_name(model)
         config = TrainConfig(
             dataset=dataset,
             data_dir=data_dir,
@@ -183,11 +160,11 @@ def train_command(
             checkpoint_every=checkpoint_every,
             stop_after=stop_after,
             sync_bn=sync_bn,
+            probe_cache=not no_probe_cache,
         )
         _check_device_and_limit(config)
         try:
-            finder = _finder(model, use_cache=not no_probe_cache)
-            result = train(config, find_batch_size=finder, display=Display(_cli.err))
+            result = train(config, display=Display(_cli.err))
         except KeyboardInterrupt as exc:
             _interrupted(exc)
     _report_training(result, as_json)

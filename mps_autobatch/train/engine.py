@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -21,15 +22,16 @@ import torch
 from torch import nn
 
 from .. import distributed
+from .._units import parse_size
 from ..accumulation import micro_batch_sizes
-from ..devices import MemoryBackend, MPSBackend, get_backend
+from ..devices import MemoryBackend, get_backend
+from ..results import ProbeResult
+from ..step import TrainingStep, rng_state, set_rng_state
 from . import _interrupts
 from ._display import Display, memory_bytes
 from ._loaders import eval_loader, load_splits, train_batches
 from ._loaders import train_loader as make_train_loader
 from ._setup import (
-    BatchSizeFinder,
-    choose_amp,
     choose_batch_sizes,
     create_model,
     lr_at,
@@ -37,8 +39,7 @@ from ._setup import (
     memory_session,
     model_data_config,
     prepare_output,
-    probe_here,
-    probe_settings,
+    probe_training_step,
     resolve_device,
     seed_everything,
 )
@@ -47,20 +48,19 @@ from ._steps import (
     TrainingOutOfMemory,
     evaluate,
     forward_backward_retrying,
-    micro_loss,
-    optimizer_step,
     set_lr,
 )
-from .checkpoint import rng_state, save_checkpoint, set_rng_state, write_metrics
+from .checkpoint import save_checkpoint, write_metrics
 from .config import TrainConfig
 
-__all__ = ["MAX_OOM_RETRIES", "BatchSizeFinder", "TrainResult", "TrainingOutOfMemory", "evaluate", "train"]
+__all__ = ["MAX_OOM_RETRIES", "TrainResult", "TrainingOutOfMemory", "evaluate", "train"]
 
 
 @dataclass(frozen=True)
 class TrainResult:
     """What a run did. ``epochs`` are the metrics rows (`checkpoint.METRIC_COLUMNS`); ``events`` the probe
-    and out-of-memory recoveries; ``stopped`` is True when ``stop_after`` ended it before the last epoch."""
+    and out-of-memory recoveries, and ``measured_peak``, the peak of the first updates; ``stopped`` is True when
+    ``stop_after`` ended it before the last epoch; ``probe`` is the probe's result for ``batch_size="auto"``."""
 
     output_dir: Path
     epochs: tuple[dict[str, Any], ...]
@@ -70,6 +70,7 @@ class TrainResult:
     effective_batch_size: int
     updates: int
     stopped: bool
+    probe: ProbeResult | None = None
 
 
 @dataclass
@@ -86,6 +87,7 @@ class _State:
     epoch_loss_sum: float = 0.0
     epoch_train_s: float = 0.0
     epoch_ooms: int = 0
+    first_peaks: list[tuple[int | None, int | None]] = field(default_factory=list)  # (peak, tensors) per update
     rows: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -94,10 +96,7 @@ class _State:
 class _Run:
     """What the loop reads, built once in `train`."""
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
-    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    step: TrainingStep
     evaluate: Callable[[int], dict[str, float]]
     backend: MemoryBackend
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -120,7 +119,7 @@ def _loop(run: _Run, state: _State) -> bool:
     updates_here, on_oom = 0, partial(_record_oom, state, run.display)
     run.display.start_epoch(state.epoch, run.epochs, run.steps_per_epoch, state.batches_done)
     while True:
-        lr = set_lr(run.optimizer, run.schedule(state.update))
+        lr = set_lr(run.step.optimizer, run.schedule(state.update))
         if state.batches_done == run.steps_per_epoch:
             _end_epoch(run, state)
             if state.epoch == run.epochs:
@@ -134,11 +133,11 @@ def _loop(run: _Run, state: _State) -> bool:
         started = time.perf_counter()
         images, labels = next(run.batches)
         _interrupts.hold()  # a Ctrl-C from here waits for the update to finish: never save half of one
-        loss, state.micro_batch_size = forward_backward_retrying(
-            run.forward, run.scaler, run.model, run.backend, images, labels, state.micro_batch_size, on_oom
-        )
-        optimizer_step(run.optimizer, run.scaler)
-        run.optimizer.zero_grad(set_to_none=True)  # free the gradients' memory before the next forward
+        with _first_updates_measured(run.backend, state, len(images)):
+            loss, state.micro_batch_size = forward_backward_retrying(
+                run.step, run.backend, images, labels, state.micro_batch_size, on_oom
+            )
+            run.step.update()  # the optimizer step, then zero_grad(set_to_none=True)
         if run.empty_cache_every and (state.update + 1) % run.empty_cache_every == 0:
             run.backend.clear_cache()
         loss_value = loss.item()  # waits for the device, so the update's time includes its GPU work
@@ -148,6 +147,33 @@ def _loop(run: _Run, state: _State) -> bool:
         updates_here += 1
         _interrupts.release()  # raises the held Ctrl-C, if any: `train` saves this position
         run.display.step(loss_value, len(images) / elapsed, memory_bytes(run.backend))
+
+
+MEASURED_UPDATES = 5
+"""The first updates of a run are measured: their peak is the ``measured_peak`` event, beside the probe's."""
+
+
+@contextmanager
+def _first_updates_measured(backend: MemoryBackend, state: _State, images: int) -> Iterator[None]:
+    """Measure the peak of the run's first `MEASURED_UPDATES` updates, and record it as an event after the last."""
+    if state.update >= MEASURED_UPDATES or any(e["event"] == "measured_peak" for e in state.events):
+        yield
+        return
+    with backend.measure() as window:
+        yield
+    peaks = state.first_peaks
+    peaks.append((window.peak_bytes, window.allocated_bytes))
+    if state.update + 1 == MEASURED_UPDATES:
+        state.events.append(
+            {
+                "event": "measured_peak",
+                "updates": MEASURED_UPDATES,
+                "micro_batch_size": state.micro_batch_size,
+                "effective_batch_size": images,
+                "peak_bytes": max((p for p, _ in peaks if p is not None), default=None),
+                "allocated_bytes": max((a for _, a in peaks if a is not None), default=None),
+            }
+        )
 
 
 def _record_oom(state: _State, display: Display, micro: int, new_micro: int, message: str) -> None:
@@ -261,22 +287,19 @@ def _make_run(
     config: TrainConfig,
     splits: Any,
     model: nn.Module,
-    net: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: Any,
+    step: TrainingStep,
     backend: MemoryBackend,
-    amp: str | None,
     state: _State,
     display: Display,
     data_config: dict[str, Any],
 ) -> _Run:
-    device, channels_last = backend.device, backend.device.type == "cuda"
-    # pin_memory helps CUDA only; a simulated Mac starts workers as macOS does (spawn), which also keeps
-    # the simulation's tensor tracking out of them.
+    device, amp, channels_last = backend.device, step.amp, step.channels_last
+    # A simulated Mac starts workers as macOS does (spawn), which also keeps the simulation's tensor
+    # tracking out of them.
     rank, ranks = distributed.rank_and_world()
     options: dict[str, Any] = {
         "workers": config.workers,
-        "pin_memory": device.type == "cuda",
+        "pin_memory": backend.pins_memory,
         "spawn": config.simulate is not None,
         "rank": rank,
         "ranks": ranks,
@@ -292,14 +315,10 @@ def _make_run(
         "data_config": {"image_size": config.image_size, **{k: data_config[k] for k in ("mean", "std", "crop_pct")}},
         "schedule": {"peak_lr": config.peak_lr, "warmup_updates": warmup, "total_updates": total},
     }
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     val = eval_loader(splits.val, state.micro_batch_size, **options)
     every = config.empty_cache_every
     return _Run(
-        model=net,
-        optimizer=optimizer,
-        scaler=scaler,
-        forward=partial(micro_loss, net, loss_fn, device, amp, channels_last),
+        step=step,
         evaluate=lambda micro: evaluate(
             model, val, device=device, amp=amp, channels_last=channels_last, batch_size=micro
         ),
@@ -308,11 +327,11 @@ def _make_run(
         steps_per_epoch=steps,
         epochs=config.epochs,
         schedule=partial(lr_at, peak=config.peak_lr, warmup=warmup, total=total),
-        empty_cache_every=every if every is not None else (10 if isinstance(backend, MPSBackend) else 0),
+        empty_cache_every=every if every is not None else backend.empty_cache_every,
         checkpoint_every=config.checkpoint_every,
         stop_after=config.stop_after,
         skipped=lambda: splits.skipped,
-        save=_saver(config.output_dir, model, optimizer, scaler, static) if rank == 0 else _no_save,
+        save=_saver(config.output_dir, model, step.optimizer, step.scaler, static) if rank == 0 else _no_save,
         display=display,
     )
 
@@ -321,13 +340,14 @@ def train(
     config: TrainConfig,
     *,
     model: nn.Module | None = None,
-    find_batch_size: BatchSizeFinder | None = None,
     display: Display | None = None,
 ) -> TrainResult:
     """Train an image classifier with a batch size that fits, writing metrics and checkpoints to the run folder.
 
-    With ``batch_size="auto"`` the micro-batch is probed on this exact model, image size, optimizer and
-    precision; on MPS the probe's memory cap stays set during training; an out-of-memory error mid-run
+    With ``batch_size="auto"`` the micro-batch is probed on the trainer's own step: this model as it trains
+    (channels_last, the DDP wrapper under torchrun), its loss (label smoothing), optimizer, scaler and
+    gradient averaging, restored bit for bit afterwards; on MPS the memory cap stays set during training;
+    an out-of-memory error mid-run
     halves the micro-batch and re-runs the same batch with more accumulation (see `engine`). The run
     folder gets metrics.csv, metrics.json, last.pt and best.pt; ``config.resume`` continues from last.pt
     exactly (same weights as an uninterrupted run).
@@ -336,7 +356,6 @@ def train(
         config: the run's settings.
         model: train this module instead of ``timm.create_model(config.model)`` (evaluate/predict need
             a timm name to rebuild it).
-        find_batch_size: how ``batch_size="auto"`` is probed (default: `find_safe_batch_size` in-process).
         display: progress and per-epoch lines (default: rich on stderr, bars only on a terminal).
 
     Returns:
@@ -359,11 +378,9 @@ def train(
         (1, 2, 2)
     """
     backend = get_backend(resolve_device(config))
-    started_group = distributed.init_from_env(backend.device.type)  # under torchrun: DDP
-    if distributed.is_distributed() and backend.device.type == "cuda":
-        backend = get_backend(f"cuda:{torch.cuda.current_device()}")  # this rank's GPU (LOCAL_RANK)
+    started_group, backend = distributed.init_from_env(backend)  # under torchrun: DDP, on this rank's device
     try:
-        result = _train(config, backend, model, find_batch_size, display)
+        result = _train(config, backend, model, display)
         if started_group:
             torch.distributed.barrier()  # no rank tears the group down while another still uses it
         return result
@@ -372,8 +389,8 @@ def train(
             torch.distributed.destroy_process_group()
 
 
-def _sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    if device.type != "cuda":
+def _sync_batchnorm(model: nn.Module, backend: MemoryBackend) -> nn.Module:
+    if not backend.syncs_batchnorm:
         raise ValueError(
             "--sync-bn needs CUDA GPUs (torch's SyncBatchNorm runs on GPUs only). Drop it: on CPU each rank "
             "keeps BatchNorm statistics of its own share of the batch."
@@ -385,22 +402,19 @@ def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     # Broadcasts rank 0's parameters and buffers; gradients are averaged in `forward_backward_retrying`.
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # A module on one indexed device (a GPU) names it; a CPU module names none.
+    return DistributedDataParallel(model, device_ids=[device] if device.index is not None else None)
 
 
 def _train(
-    config: TrainConfig,
-    backend: MemoryBackend,
-    model: nn.Module | None,
-    find_batch_size: BatchSizeFinder | None,
-    display: Display | None,
+    config: TrainConfig, backend: MemoryBackend, model: nn.Module | None, display: Display | None
 ) -> TrainResult:
     rank, ranks = distributed.rank_and_world()
     display = display if display is not None else Display()
     if rank != 0:
         display = Display(quiet=True)  # rank 0 reports; the others would print the same lines again
     saved = prepare_output(config)
-    amp = choose_amp(config.amp, backend.device)
+    amp = backend.choose_amp(config.amp)
     data_config = model_data_config(model if model is not None else config.model)
     splits = load_splits(config, data_config)
     seed_everything(config.seed)
@@ -408,26 +422,32 @@ def _train(
         model = create_model(
             config.model, len(splits.classes), pretrained=config.use_pretrained, weights=config.weights
         )
-    channels_last = backend.device.type == "cuda"
+    channels_last = backend.prefers_channels_last
     n_train = len(splits.train) // ranks  # this rank's share of every epoch
-    settings = probe_settings(config, len(splits.classes), amp, channels_last, n_train)
-    if saved is None:
-        find = find_batch_size or probe_here
-        micro, effective, event = choose_batch_sizes(config, model, backend, settings, find, n_train)
-    with memory_session(backend, settings["memory_limit"]):
+    memory_limit = parse_size(config.memory_limit) if config.memory_limit is not None else None
+    with memory_session(backend, memory_limit):
         model.to(backend.device)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         if config.sync_bn and ranks > 1:
-            model = _sync_batchnorm(model, backend.device)
+            model = _sync_batchnorm(model, backend)
         optimizer = make_optimizer(config.optimizer, model, lr=config.peak_lr, weight_decay=config.weight_decay)
-        scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
-        if saved is None:
-            state = _State(micro, effective, events=[event] if event else [])
-        else:
+        scaler = torch.amp.GradScaler(backend.device.type) if amp == "fp16" and backend.uses_grad_scaler else None
+        if saved is not None:
             state = _restore(saved, model, optimizer, scaler)
         net = _data_parallel(model, backend.device) if ranks > 1 else model  # after loading: rank 0's weights win
-        run = _make_run(config, splits, model, net, optimizer, scaler, backend, amp, state, display, data_config)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        step = TrainingStep(
+            net, optimizer, loss_fn, amp=amp, scaler=scaler, channels_last=channels_last, device=backend.device
+        )
+        probe = None
+        if saved is None:
+            if config.batch_size == "auto":
+                probe = probe_training_step(step, model, backend, config, len(splits.classes), n_train)
+                display.probe(probe)
+            micro, effective, event = choose_batch_sizes(config, probe, n_train)
+            state = _State(micro, effective, events=[event] if event else [])
+        run = _make_run(config, splits, model, step, backend, state, display, data_config)
         if saved is not None:
             set_rng_state(saved["rng"], backend.device)  # last: building the run may have drawn random numbers
         try:
@@ -448,4 +468,5 @@ def _train(
         effective_batch_size=state.effective_batch_size,
         updates=state.update,
         stopped=stopped,
+        probe=probe,
     )

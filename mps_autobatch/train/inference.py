@@ -73,7 +73,7 @@ def evaluate_checkpoint(
     dataset = splits.test if name == "test" else splits.val
     if dataset is None:
         raise ValueError(f"The dataset {saved['config']['dataset']!r} has no test split. Pass --split val.")
-    pin = backend.device.type == "cuda"
+    pin = backend.pins_memory
     loader = eval_loader(dataset, batch_size, workers=workers, pin_memory=pin, spawn=False)
     metrics = evaluate(load_trained_model(saved, backend.device), loader, device=backend.device)
     return {"checkpoint": str(checkpoint), "split": name, **metrics}
