@@ -1,23 +1,32 @@
 """mps-autobatch: the largest batch size a PyTorch training step can safely use, measured, not guessed.
 
+The names below load on first use (PEP 562), so ``import mps_autobatch``, and the ``autobatch --help``
+that imports it, do not pay for importing torch until something needs it.
+
 Example:
     >>> from mps_autobatch import plan_accumulation
     >>> plan_accumulation(32, 24)
     (16, 2)
 """
 
-from .accumulation import plan_accumulation as plan_accumulation
-from .errors import AutobatchError as AutobatchError
-from .errors import AutobatchWarning as AutobatchWarning
-from .errors import NoBatchSizeFits as NoBatchSizeFits
-from .explain import OOMExplanation as OOMExplanation
-from .explain import explain_oom as explain_oom
-from .isolate import find_safe_batch_size_isolated as find_safe_batch_size_isolated
-from .oom import is_oom_error as is_oom_error
-from .probe import find_safe_batch_size as find_safe_batch_size
-from .results import ProbeResult as ProbeResult
-from .results import Trial as Trial
-from .spec import ProbeSpec as ProbeSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .accumulation import plan_accumulation as plan_accumulation
+    from .errors import AutobatchError as AutobatchError
+    from .errors import AutobatchWarning as AutobatchWarning
+    from .errors import NoBatchSizeFits as NoBatchSizeFits
+    from .explain import OOMExplanation as OOMExplanation
+    from .explain import explain_oom as explain_oom
+    from .isolate import find_safe_batch_size_isolated as find_safe_batch_size_isolated
+    from .oom import is_oom_error as is_oom_error
+    from .probe import find_safe_batch_size as find_safe_batch_size
+    from .results import ProbeResult as ProbeResult
+    from .results import Trial as Trial
+    from .spec import ProbeSpec as ProbeSpec
 
 __version__ = "0.1.0"
 
@@ -35,3 +44,31 @@ __all__ = [
     "is_oom_error",
     "plan_accumulation",
 ]
+
+# Where each public name lives.
+_HOMES = {
+    "AutobatchError": "errors",
+    "AutobatchWarning": "errors",
+    "NoBatchSizeFits": "errors",
+    "OOMExplanation": "explain",
+    "ProbeResult": "results",
+    "ProbeSpec": "spec",
+    "Trial": "results",
+    "explain_oom": "explain",
+    "find_safe_batch_size": "probe",
+    "find_safe_batch_size_isolated": "isolate",
+    "is_oom_error": "oom",
+    "plan_accumulation": "accumulation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

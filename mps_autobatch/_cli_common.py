@@ -8,15 +8,17 @@ import os
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .devices import MemoryBackend
-from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits
-from .results import Trial
+from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits, failed_step
+
+if TYPE_CHECKING:
+    from .devices import MemoryBackend
+    from .results import Trial
 
 __all__ = ["DeviceOpt", "ImageSizeOpt", "ModelOpt", "SimulateOpt", "err"]
 
@@ -40,7 +42,9 @@ class _BadInput(Exception):
     """A user mistake found in the CLI itself: reported as one line, exit code 2."""
 
 
-# Known failures and how they are reported: (exception type, exit code). Anything else keeps its traceback.
+# Known failures and how they are reported: (exception type, exit code). A failure inside a training step is
+# reported first (`errors.failed_step`): a ValueError from the user's model is no wrong option. Anything
+# else keeps its traceback.
 _ERRORS: tuple[tuple[type[BaseException], int], ...] = (
     (_BadInput, 2),
     (NoBatchSizeFits, 1),
@@ -65,9 +69,20 @@ def _reported() -> Iterator[None]:
     except typer.Exit:
         raise
     except Exception as exc:
+        if os.environ.get("AUTOBATCH_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        where = failed_step(exc)
+        if where is not None:
+            # The user's model or torch failed inside a training step: not a wrong option, not our bug.
+            _fail(
+                f"The training step failed {where}: {type(exc).__name__}: {message} "
+                "(run with AUTOBATCH_DEBUG=1 to see the traceback).",
+                1,
+            )
         for kind, code in _ERRORS:
-            if isinstance(exc, kind) and not os.environ.get("AUTOBATCH_DEBUG"):
-                _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, code)
+            if isinstance(exc, kind):
+                _fail(message, code)
         raise
 
 

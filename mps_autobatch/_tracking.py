@@ -10,8 +10,8 @@ simulated accelerator (a caching allocator on top) are built on.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -23,10 +23,26 @@ __all__ = ["StorageBook"]
 _PREEXISTING = object()
 
 
-def _storages(tree: Any) -> Iterator[torch.UntypedStorage]:
+def _tensors(tree: Any) -> Iterator[torch.Tensor]:
     for leaf in tree_iter(tree):
         if isinstance(leaf, torch.Tensor) and leaf.layout == torch.strided and leaf.device.type != "meta":
-            yield leaf.untyped_storage()
+            yield leaf
+
+
+def _storages(tree: Any) -> Iterator[torch.UntypedStorage]:
+    for tensor in _tensors(tree):
+        yield tensor.untyped_storage()
+
+
+def _resident(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[int]:
+    """Ids of the input storages that live on the device: parameters, and what the op writes in place."""
+    ids = {id(t.untyped_storage()) for t in _tensors((args, kwargs)) if t.requires_grad and t.is_leaf}
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        value = args[position] if position < len(args) else kwargs.get(argument.name)
+        ids |= {id(storage) for storage in _storages(value)}
+    return ids
 
 
 class StorageBook(TorchDispatchMode):
@@ -35,9 +51,13 @@ class StorageBook(TorchDispatchMode):
     Args:
         on_alloc: books a storage of ``nbytes``; may raise (the simulated out-of-memory error).
         on_free: releases what ``on_alloc`` booked.
-        adopt_inputs: also book storages that existed before (the first time an op reads them), as a
-            device would count a model moved onto it earlier. Without it they are known but not counted,
-            so a view of a pre-existing tensor is not mistaken for an allocation.
+        adopt_inputs: which storages that existed before are booked, the first time an op uses them:
+            "all" (the CPU: a process's RAM holds everything it touches); "resident" (a device: only
+            what lives on it, a training step's state: parameters, which require grad, what an op writes
+            in place, such as optimizer state, and what `mark_resident` names, such as the buffers of a
+            module that runs; host data the step only reads, like a dataset tensor it indexes, is not
+            device memory); "none". What is not booked
+            is known, so a view of a pre-existing tensor is not mistaken for an allocation.
     """
 
     def __init__(
@@ -45,19 +65,29 @@ class StorageBook(TorchDispatchMode):
         on_alloc: Callable[[int], object],
         on_free: Callable[[object], None],
         *,
-        adopt_inputs: bool,
+        adopt_inputs: Literal["all", "resident", "none"],
     ) -> None:
         super().__init__()
         self._on_alloc = on_alloc
         self._on_free = on_free
         self._adopt_inputs = adopt_inputs
         self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._marked: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storages known to live on the device
+
+    def mark_resident(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Count these tensors as device memory from their next use (a module's parameters and buffers)."""
+        for storage in _storages(list(tensors)):
+            self._marked[storage] = True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        for storage in _storages((args, kwargs)):
-            if storage not in self._seen:
-                if self._adopt_inputs:
+        resident = _resident(func, args, kwargs) if self._adopt_inputs == "resident" else set()
+        for tensor in _tensors((args, kwargs)):
+            storage = tensor.untyped_storage()
+            seen = self._seen.get(storage)
+            on_device = id(storage) in resident or storage in self._marked
+            if seen is None or (seen is _PREEXISTING and on_device):
+                if self._adopt_inputs == "all" or (self._adopt_inputs == "resident" and on_device):
                     self._book(storage)
                 else:
                     self._seen[storage] = _PREEXISTING

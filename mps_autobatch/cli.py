@@ -6,7 +6,7 @@ import functools
 import json
 from collections.abc import Callable
 from contextlib import nullcontext
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,12 +25,13 @@ from ._cli_common import (
 )
 from ._cli_explain import register as register_explain
 from ._units import parse_size
-from .devices import MemoryBackend, available_devices, get_backend
 from .errors import AutobatchError
 from .models import check_model_name, create_model
-from .probe import find_safe_batch_size
 from .spec import ProbeSpec
 from .train.commands import register as register_trainer
+
+if TYPE_CHECKING:
+    from .devices import MemoryBackend
 
 __all__ = ["app"]
 
@@ -49,6 +50,7 @@ def info(device: DeviceOpt = "auto", simulate: SimulateOpt = None) -> None:
     import torch
 
     from ._units import format_bytes
+    from .devices import available_devices, get_backend
 
     with _reported():
         backend = get_backend(_backend(device, simulate))
@@ -144,6 +146,9 @@ def probe(
             find_max=find_max,
             objective=objective,  # type: ignore[arg-type]
         )
+        from .devices import get_backend
+        from .probe import find_safe_batch_size
+
         backend = get_backend(_backend(device, simulate))
         on_trial, status = _progress(not as_json and err.is_terminal)
         with status if status is not None else nullcontext(), _warnings_printed():
@@ -262,6 +267,7 @@ def _calibration_factor(
     factory: Callable[[], Any], first: Any, device: str | MemoryBackend, num_classes: int, optimizer: str, amp: Any
 ) -> float:
     """Measured peak of one real step at the first estimate's size, divided by the estimate."""
+    from .devices import get_backend
     from .workload import make_workload
 
     backend = get_backend(device)

@@ -528,7 +528,7 @@ class CPUBackend(MemoryBackend):
         # Each session counts afresh: tensors that outlived an earlier one are adopted again when touched.
         self._generation += 1
         self._live = self._peak = 0
-        self._book = StorageBook(self._allocate, self._free, adopt_inputs=True)
+        self._book = StorageBook(self._allocate, self._free, adopt_inputs="all")
         try:
             with self._book:
                 yield

@@ -21,10 +21,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import _disable_current_modes
 
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend
@@ -88,6 +90,16 @@ def init_from_env(backend: MemoryBackend) -> tuple[bool, MemoryBackend]:
     return True, backend
 
 
+def _bookkeeping() -> AbstractContextManager[None]:
+    """The ranks' small messages are host bookkeeping, not the step's memory: keep them out of any tracker.
+
+    Under the simulated Mac's tracking (a dispatch mode with a limit) a message's buffers would be booked as
+    device memory and could raise its out-of-memory error half-way through a collective, leaving the other
+    ranks with a message cut short.
+    """
+    return _disable_current_modes()
+
+
 def _device() -> torch.device:
     # nccl reduces CUDA tensors only; gloo reduces CPU tensors.
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -96,9 +108,10 @@ def _device() -> torch.device:
 def _all_reduce_int(value: int, op: dist.ReduceOp.RedOpType) -> int:
     if not is_distributed():
         return value
-    tensor = torch.tensor([value], dtype=torch.int64, device=_device())
-    dist.all_reduce(tensor, op=op)
-    return int(tensor.item())
+    with _bookkeeping():
+        tensor = torch.tensor([value], dtype=torch.int64, device=_device())
+        dist.all_reduce(tensor, op=op)
+        return int(tensor.item())
 
 
 def agree_max(value: int) -> int:
@@ -110,9 +123,10 @@ def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
     """``values`` (a small CPU tensor) summed over all ranks, on every rank."""
     if not is_distributed():
         return values
-    total = values.to(_device())
-    dist.all_reduce(total)
-    return total.cpu()
+    with _bookkeeping():
+        total = values.to(_device())
+        dist.all_reduce(total)
+        return total.cpu()
 
 
 def rank_zero_decides(decide: Callable[[], T]) -> T:
@@ -123,7 +137,8 @@ def rank_zero_decides(decide: Callable[[], T]) -> T:
     if not is_distributed():
         return decide()
     answer = [decide() if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(answer, src=0)
+    with _bookkeeping():
+        dist.broadcast_object_list(answer, src=0)
     return answer[0]  # type: ignore[return-value]
 
 
@@ -132,13 +147,15 @@ def from_rank_zero(value: T) -> T:
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _bookkeeping():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def _gather(summary: Any) -> list[Any]:
     summaries: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(summaries, summary)
+    with _bookkeeping():
+        dist.all_gather_object(summaries, summary)
     return summaries
 
 

@@ -24,7 +24,7 @@ import torch
 from . import distributed
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend, MemoryLimit
-from .errors import NoBatchSizeFits
+from .errors import NoBatchSizeFits, mark_failed_step
 from .oom import is_oom_error
 from .results import Outcome, ProbeResult, Trial
 from .throughput import knee, time_steps
@@ -182,7 +182,7 @@ class _Search:
             self.workload.warm_up(batch_size)
         except Exception as exc:
             traceback.clear_frames(exc.__traceback__)
-            error = exc
+            error = exc if is_oom_error(exc) else mark_failed_step(exc, f"at batch size {batch_size} (the warm-up)")
         distributed.agree_on_outcome(error)  # under torchrun: it ran on every rank, or it raises on every rank
         self.backend.clear_cache()
         with self.backend.measure() as idle:
@@ -205,7 +205,7 @@ class _Search:
             # Keep the error for chaining but not its frames: their locals pin the failed step's tensors.
             traceback.clear_frames(exc.__traceback__)
             if not is_oom_error(exc):
-                failure = exc
+                failure = mark_failed_step(exc, f"at batch size {batch_size}")
             else:
                 error = str(exc)
                 self.last_oom = exc.with_traceback(None)

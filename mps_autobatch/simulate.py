@@ -1,12 +1,14 @@
 """A simulated Apple-silicon accelerator: the MPS memory API and its errors, with compute on the CPU.
 
-Every tensor storage the code under `SimulatedMPS.tracking` creates (or touches, for tensors made
-before) is booked as a device buffer by a caching allocator modelled on PyTorch's MPSAllocator
-(aten/src/ATen/mps/MPSAllocator.{h,mm}): sizes are rounded up (small buffers to pages, large ones to
-2 MiB), freed buffers go to a cache and are reused, driver memory = heaps (live + cached) + other
-allocations (Metal, MPSGraph), the limit (ratio x recommended max) is checked against driver memory,
-and the cache is flushed once before the exact MPS out-of-memory RuntimeError is raised. A CUDA-text
-mode raises ``torch.OutOfMemoryError`` instead, for peers that only recognise CUDA errors.
+Every tensor storage the code under `SimulatedMPS.tracking` creates is booked as a device buffer (of
+tensors made before, only what lives on a device: parameters and what an op writes in place, such as
+BatchNorm statistics and optimizer state; host data a step only reads is not device memory) by a
+caching allocator modelled on PyTorch's MPSAllocator (aten/src/ATen/mps/MPSAllocator.{h,mm}): sizes
+are rounded up (small buffers to pages, large ones to 2 MiB), freed buffers go to a cache and are
+reused, driver memory = heaps (live + cached) + other allocations (Metal, MPSGraph), the limit
+(ratio x recommended max) is checked against driver memory, and the cache is flushed once before the
+exact MPS out-of-memory RuntimeError is raised. A CUDA-text mode raises ``torch.OutOfMemoryError``
+instead, for peers that only recognise CUDA errors.
 
 The constants are parameters (`AllocatorModel`): a search that is right here must stay right when
 rounding, caching or other allocations behave differently.
@@ -315,8 +317,24 @@ def _strtod(raw: str) -> float:
 
 class _GraphAwareBook(StorageBook):
     def __init__(self, sim: SimulatedMPS) -> None:
-        super().__init__(sim._allocate, sim._release, adopt_inputs=True)
+        super().__init__(sim._allocate, sim._release, adopt_inputs="resident")
         self._sim = sim
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+
+    def __enter__(self) -> _GraphAwareBook:
+        # A module that runs lives on the device: its parameters and buffers (BatchNorm's running statistics,
+        # which native_batch_norm updates without saying so in its schema, or a constant table it only reads).
+        def on_device(module: torch.nn.Module, *_: object) -> None:
+            self.mark_resident([*module.parameters(recurse=False), *module.buffers(recurse=False)])
+
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(on_device)
+        return super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._sim._see_op(func, args)
@@ -340,6 +358,12 @@ class SimulatedMPSBackend(MPSBackend):
     def identity(self) -> str:
         sim = self.sim
         return f"sim-mps:{sim.memory_bytes}:{sim.recommended_max_bytes}:{sim.error_style}:{sim.allocator}"
+
+    def choose_amp(self, setting: str) -> str | None:
+        """As on a Mac, but bf16 always runs (autocast on this CPU) and "auto" stays fp32, as it did on a CPU."""
+        if setting == "fp16":
+            return super().choose_amp(setting)  # refused, with the Mac's reason
+        return None if setting in ("auto", "off") else setting
 
     def check_can_run(self, limit_bytes: int) -> None:
         # Describing the simulated Mac needs no RAM; running steps up to its limit does.

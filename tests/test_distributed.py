@@ -102,7 +102,10 @@ def test_rank_0_decides_cache_hits_and_only_rank_0_writes(tmp_path, monkeypatch)
     (tmp_path / "settings.json").write_text(json.dumps(settings))
     monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path / "cache0"))
     stored = find_safe_batch_size(
-        "test_efficientnet", device=simulated_backend("mps:16GiB"), cache=True, **{**settings, "input_shape": (3, 32, 32)}
+        "test_efficientnet",
+        device=simulated_backend("mps:16GiB"),
+        cache=True,
+        **{**settings, "input_shape": (3, 32, 32)},
     )
     assert not stored.cached and len(list((tmp_path / "cache0").iterdir())) == 1
     ranks = _ranks("cache_decided_by_rank_0", tmp_path)

@@ -35,14 +35,32 @@ def test_freed_buffers_stay_in_driver_memory_until_empty_cache():
         assert sim.driver_allocated_memory() == 5 * MiB
 
 
-def test_tensors_made_before_tracking_count_once_touched():
+def test_of_tensors_made_before_tracking_only_what_lives_on_the_device_counts():
     sim = SimulatedMPS(allocator=AllocatorModel(other_bytes=0))
-    weights = torch.ones(MiB // 4)  # 1 MiB, made outside
+    host_data = torch.ones(MiB // 4)  # 1 MiB each, made outside
+    weights = torch.nn.Parameter(torch.ones(MiB // 4))
+    state = torch.zeros(MiB // 4)
+
+    class Table(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.ones(MiB // 4))  # a constant the forward only reads
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.table
+
+    table = Table()
     with sim.tracking():
         assert sim.current_allocated_memory() == 0
-        out = weights * 2  # reading it books it, like a model moved to the device earlier
-        assert sim.current_allocated_memory() == 2 * MiB
-    del out
+        read = host_data * 2  # host data a step only reads is not device memory: only the new tensor counts
+        assert sim.current_allocated_memory() == 1 * MiB
+        scaled = weights * 2  # a parameter is read where it lives, on the device
+        assert sim.current_allocated_memory() == 3 * MiB
+        state.add_(1)  # what an op writes in place (optimizer state) lives on the device
+        assert sim.current_allocated_memory() == 4 * MiB
+        looked_up = table(torch.ones(MiB // 4))  # a module that runs: its buffers live there too
+        assert sim.current_allocated_memory() == 6 * MiB  # the table and the output (the input is freed)
+    del read, scaled, looked_up
 
 
 def test_over_the_limit_the_cache_is_flushed_once_then_the_exact_mps_error_is_raised():

@@ -182,7 +182,8 @@ OOM_RUN = dict(image_size=64, epochs=2, dev_samples=128, optimizer="sgd", lr=0.0
 
 
 def _oom_events(result):
-    return [(e["micro_batch_size"], e["new_micro_batch_size"], e["accumulation_steps"]) for e in result.events]
+    ooms = [e for e in result.events if e["event"] == "oom"]
+    return [(e["micro_batch_size"], e["new_micro_batch_size"], e["accumulation_steps"]) for e in ooms]
 
 
 def test_oom_halves_the_micro_batch_and_keeps_the_batch_without_batchnorm(tmp_path):

@@ -177,6 +177,7 @@ def probe_training_step(
         memory_limit=parse_size(config.memory_limit) if config.memory_limit is not None else None,
         requested=requested,
         max_batch_size=min(requested or n_train, n_train),
+        steps_per_trial=2,
     )
     scaler_state = step.scaler.state_dict() if step.scaler is not None else None
     with torch.random.fork_rng(devices=[]):  # the probe's batches must not move the run's random stream

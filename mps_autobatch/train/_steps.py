@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from .. import distributed
 from ..accumulation import micro_batch_sizes
 from ..devices import MemoryBackend
-from ..errors import AutobatchError
+from ..errors import AutobatchError, mark_failed_step
 from ..oom import is_oom_error
 from ..step import Rewind, TrainingStep, autocast
 
@@ -107,6 +107,8 @@ def forward_backward_retrying(
             return _agreed_forward_backward(step, images, labels, micro), micro
         except Exception as exc:
             if not is_oom_error(exc):
+                if not isinstance(exc, AutobatchError):  # another rank's failure is already said as such
+                    mark_failed_step(exc, f"at micro-batch {micro}")
                 raise
             # The allocator's numbers, without MPS's hint to lift the limit (the cap is there on purpose).
             message = str(exc).splitlines()[0].split(" Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")[0]

@@ -155,25 +155,23 @@ MEASURED_UPDATES = 5
 
 @contextmanager
 def _first_updates_measured(backend: MemoryBackend, state: _State, images: int) -> Iterator[None]:
-    """Measure the peak of the run's first `MEASURED_UPDATES` updates, and record it as an event after the last."""
-    if state.update >= MEASURED_UPDATES or any(e["event"] == "measured_peak" for e in state.events):
+    """Measure the peak of the run's first `MEASURED_UPDATES` updates: the ``measured_peak`` event, kept current."""
+    if len(state.first_peaks) >= MEASURED_UPDATES:
         yield
         return
     with backend.measure() as window:
         yield
     peaks = state.first_peaks
     peaks.append((window.peak_bytes, window.allocated_bytes))
-    if state.update + 1 == MEASURED_UPDATES:
-        state.events.append(
-            {
-                "event": "measured_peak",
-                "updates": MEASURED_UPDATES,
-                "micro_batch_size": state.micro_batch_size,
-                "effective_batch_size": images,
-                "peak_bytes": max((p for p, _ in peaks if p is not None), default=None),
-                "allocated_bytes": max((a for _, a in peaks if a is not None), default=None),
-            }
-        )
+    event = {
+        "event": "measured_peak",
+        "updates": len(peaks),
+        "micro_batch_size": state.micro_batch_size,
+        "effective_batch_size": images,
+        "peak_bytes": max((p for p, _ in peaks if p is not None), default=None),
+        "allocated_bytes": max((a for _, a in peaks if a is not None), default=None),
+    }
+    state.events[:] = [e for e in state.events if e["event"] != "measured_peak"] + [event]
 
 
 def _record_oom(state: _State, display: Display, micro: int, new_micro: int, message: str) -> None:
