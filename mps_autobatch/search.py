@@ -17,7 +17,7 @@ import math
 import traceback
 from collections.abc import Callable
 from time import perf_counter
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
@@ -28,8 +28,9 @@ from .errors import NoBatchSizeFits, mark_failed_step
 from .oom import is_oom_error
 from .results import Outcome, ProbeResult, Trial
 from .throughput import knee, time_steps
+from .workload import Workload
 
-__all__ = ["Workload", "first_batch_size", "search"]
+__all__ = ["first_batch_size", "search"]
 
 # Stop refining once the largest size that fits the budget is within this fraction of where the
 # measured line crosses it, or of the largest size that could still fit: one more step near the
@@ -42,19 +43,6 @@ _MAX_GROWTH = 8
 _SMALL_START = 2
 # The seed's 20%-reduction rule: start at 80% of what the user asked for.
 _REDUCTION = 0.8
-
-
-class Workload(Protocol):
-    """What the search runs. `mps_autobatch.workload` builds one from a model or a step function."""
-
-    def warm_up(self, batch_size: int) -> None:
-        """Run once before the search at a tiny size, uncounted (e.g. create the optimizer state)."""
-
-    def step(self, batch_size: int) -> None:
-        """Run one full training step (forward, backward, optimizer) at ``batch_size``."""
-
-    def recover(self) -> None:
-        """Undo what a failed step left behind (partial gradients, BatchNorm statistics)."""
 
 
 def first_batch_size(requested: int | None, multiple_of: int = 1, max_batch_size: int | None = None) -> int:

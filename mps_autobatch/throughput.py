@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .devices import MemoryBackend
-    from .search import Workload
+    from .workload import Workload
 
 __all__ = ["KNEE_TOLERANCE", "knee", "time_steps"]
 

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_map
 
 from .step import Amp, Rewind, TrainingStep, fork_rng
 
-__all__ = ["OPTIMIZERS", "CallableWorkload", "ModuleWorkload", "OptimizerSpec", "make_workload"]
+__all__ = ["OPTIMIZERS", "CallableWorkload", "ModuleWorkload", "OptimizerSpec", "Workload", "make_workload"]
 
 OptimizerSpec = str | torch.optim.Optimizer | Callable[[Any], torch.optim.Optimizer]
 
@@ -37,6 +37,19 @@ OPTIMIZERS: dict[str, Callable[[Any], torch.optim.Optimizer]] = {
     "sgd": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
 }
 """Optimizers by name. Their state (two moments for Adam, a momentum buffer for SGD) is part of the peak."""
+
+
+class Workload(Protocol):
+    """What the search runs. `make_workload` builds one from a model or a step function."""
+
+    def warm_up(self, batch_size: int) -> None:
+        """Run once before the search at a tiny size, uncounted (e.g. create the optimizer state)."""
+
+    def step(self, batch_size: int) -> None:
+        """Run one full training step (forward, backward, optimizer) at ``batch_size``."""
+
+    def recover(self) -> None:
+        """Undo what a failed step left behind (partial gradients, BatchNorm statistics)."""
 
 
 def _host_copy(value: Any) -> Any:

@@ -1,4 +1,4 @@
-"""A run's files: atomic checkpoints (last.pt, best.pt), metrics as CSV and JSON, and the RNG states.
+"""A run's files: atomic checkpoints (last.pt, best.pt) and metrics as CSV and JSON (RNG states: `step.rng_state`).
 
 Every file is written to a temporary file in the same folder, flushed to disk, then renamed over the
 old one (``os.replace`` is atomic on POSIX and Windows), so a crash or a full disk leaves either the old
