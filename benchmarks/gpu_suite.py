@@ -314,7 +314,7 @@ def run_finder_case(case: GPUCase, settings: Settings, record: dict[str, Any], s
 
 # --- the trainer case ------------------------------------------------------------------------------------------
 def _clock_display():
-    from mps_autobatch.train._display import Display
+    from mps_autobatch.train.commands import Display
 
     class Clock(Display):
         """Quiet; records when each update ended (the trainer calls step() after its loss.item() sync)."""
@@ -385,7 +385,7 @@ def compute_only(
 
 def loader_only(settings: Settings, batch: int, pin_memory: bool) -> float:
     """Images/s of the trainer's own training loader alone (same dataset, transform, workers), nothing on the GPU."""
-    from mps_autobatch.train._loaders import load_splits, train_loader
+    from mps_autobatch.train.data import load_splits, train_loader
     from mps_autobatch.train._setup import model_data_config
     from mps_autobatch.train.config import TrainConfig
 

@@ -5,6 +5,7 @@ choice, probe progress and warnings. The trainer's commands use it too, so it im
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,6 +85,30 @@ def _reported() -> Iterator[None]:
             if isinstance(exc, kind):
                 _fail(message, code)
         raise
+
+
+_NAMES = r"(requested|max_batch_size|multiple_of|steps_per_trial|headroom|num_classes|memory_limit)"
+# An argument named as the subject of a check ("requested must ...", "max_batch_size 4 is ...") or of its fix.
+_ARGUMENT = re.compile(rf"\b{_NAMES}\b(?= must| \d)|(?<=below ){_NAMES}\b|(?<=Raise ){_NAMES}\b|(?<=lower ){_NAMES}\b")
+
+
+def _as_flags(message: str) -> str:
+    """A library message in the CLI's words: the arguments it names become the flags that set them.
+
+    Example:
+        >>> _as_flags("max_batch_size 4 is below multiple_of 8. Raise max_batch_size or lower multiple_of.")
+        '--max-batch-size 4 is below --multiple-of 8. Raise --max-batch-size or lower --multiple-of.'
+    """
+    return _ARGUMENT.sub(lambda match: "--" + match.group(0).replace("_", "-"), message)
+
+
+@contextmanager
+def _flag_names() -> Iterator[None]:
+    """Settings checked by the library (`ProbeSpec`), reported with the flags that set them (exit code 2)."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise _BadInput(_as_flags(str(exc))) from exc
 
 
 def _backend(device: str, simulate: str | None) -> str | MemoryBackend:

@@ -18,6 +18,7 @@ from ._cli_common import (
     SimulateOpt,
     _backend,
     _BadInput,
+    _flag_names,
     _progress,
     _reported,
     _warnings_printed,
@@ -131,21 +132,22 @@ def probe(
         if trial_timeout <= 0:
             raise _BadInput(f"--trial-timeout must be positive seconds, got {trial_timeout}.")
         # The settings' own checks, before a device, the cache or a model is touched.
-        spec = ProbeSpec(
-            input_shape=(channels, image_size, image_size),
-            num_classes=num_classes,
-            optimizer=optimizer,
-            amp=amp,  # type: ignore[arg-type]
-            channels_last=channels_last,
-            memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
-            headroom=headroom,
-            requested=requested,
-            max_batch_size=max_batch_size,
-            multiple_of=multiple_of,
-            steps_per_trial=steps_per_trial,
-            find_max=find_max,
-            objective=objective,  # type: ignore[arg-type]
-        )
+        with _flag_names():
+            spec = ProbeSpec(
+                input_shape=(channels, image_size, image_size),
+                num_classes=num_classes,
+                optimizer=optimizer,
+                amp=amp,  # type: ignore[arg-type]
+                channels_last=channels_last,
+                memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
+                headroom=headroom,
+                requested=requested,
+                max_batch_size=max_batch_size,
+                multiple_of=multiple_of,
+                steps_per_trial=steps_per_trial,
+                find_max=find_max,
+                objective=objective,  # type: ignore[arg-type]
+            )
         from .devices import get_backend
         from .probe import find_safe_batch_size
 

@@ -175,7 +175,7 @@ class MemoryBackend(ABC):
             ValueError: the device cannot run the requested precision.
         """
         if setting == "fp16":
-            raise ValueError("--amp fp16 is for CUDA GPUs. On the CPU pass --amp bf16 or --amp off.")
+            raise ValueError("amp 'fp16' is for CUDA GPUs. On the CPU use 'bf16' or 'off'.")
         return None if setting in ("auto", "off") else setting
 
     def describe(self) -> list[tuple[str, str]]:
@@ -236,9 +236,9 @@ class MPSBackend(MemoryBackend):
         if setting == "auto":
             return "bf16" if supported else None
         if setting == "fp16":
-            raise ValueError("--amp fp16 needs a GradScaler, which has had bugs on MPS. Pass --amp bf16 or --amp off.")
+            raise ValueError("amp 'fp16' needs a GradScaler, which has had bugs on MPS. Use 'bf16' or 'off'.")
         if not supported:
-            raise ValueError("--amp bf16 on MPS needs torch >= 2.5 and macOS 14 or later. Pass --amp off.")
+            raise ValueError("amp 'bf16' on MPS needs torch >= 2.5 and macOS 14 or later. Use 'off'.")
         return setting
 
     def describe(self) -> list[tuple[str, str]]:

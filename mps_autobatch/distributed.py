@@ -83,7 +83,7 @@ def init_from_env(backend: MemoryBackend) -> tuple[bool, MemoryBackend]:
     if backend.collectives is None:
         raise AutobatchError(
             f"torch.distributed cannot reduce tensors on {backend.name} (gloo and nccl have no support for it): "
-            "train with one process there, or pass --device cpu."
+            "train with one process there, or on the CPU."
         )
     backend = backend.for_local_rank(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend.collectives)

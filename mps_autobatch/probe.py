@@ -53,6 +53,36 @@ def _optimizer_name(optimizer: OptimizerSpec | None) -> str:
     return f"custom:{getattr(optimizer, '__qualname__', type(optimizer).__name__)}"
 
 
+def _only_spec(spec: ProbeSpec, settings: ProbeSpec, optimizer: OptimizerSpec | None) -> ProbeSpec:
+    """``spec``, refusing settings also given as keywords; an optimizer object names the spec's optimizer."""
+    defaults = ProbeSpec(optimizer=settings.optimizer if not isinstance(optimizer, str) else "adamw")
+    clashes = [f.name for f in dataclasses.fields(ProbeSpec) if getattr(settings, f.name) != getattr(defaults, f.name)]
+    if clashes:
+        raise TypeError(
+            f"Pass the probe's settings either as spec= or as keyword arguments, not both: {', '.join(clashes)} "
+            "given as keywords too. Put them in the spec."
+        )
+    if optimizer is None or isinstance(optimizer, str):
+        return spec
+    return dataclasses.replace(spec, optimizer=settings.optimizer)  # the optimizer that runs is what is cached
+
+
+def _check_cacheable(target: object, spec: ProbeSpec, loss_fn: object, optimizer: OptimizerSpec | None) -> None:
+    """Without a ``cache_key``, the key must hold everything that runs: refuse what it cannot name."""
+    if not isinstance(target, (str, nn.Module)) and spec.model is None:
+        raise ValueError(
+            "cache needs cache_key='...' for a step function: a name for what it trains, e.g. "
+            "cache_key='my-bert-seq512'. Pass one, or leave the cache off."
+        )
+    factory = optimizer is not None and not isinstance(optimizer, (str, torch.optim.Optimizer))
+    if loss_fn is not None or factory:
+        what = "a loss_fn" if loss_fn is not None else "an optimizer factory"
+        raise ValueError(
+            f"cache needs cache_key='...' with {what}: its code is not part of the cache key, so another one "
+            "would get this answer. Pass a cache_key that names it, or leave the cache off."
+        )
+
+
 def _identity(target: object, spec: ProbeSpec, cache_key: str | None) -> str | None:
     """What names the target in the cache: a timm name, a module's fingerprint, or the caller's key."""
     if cache_key is not None:
@@ -183,15 +213,11 @@ def find_safe_batch_size(
         find_max=find_max,
         objective=objective,
     )
-    if spec is None:
-        spec = settings
-    elif settings != ProbeSpec(optimizer=settings.optimizer if not isinstance(optimizer, str) else "adamw"):
-        raise TypeError("Pass the probe's settings either as spec= or as keyword arguments, not both.")
-    if cache and cache_key is None and not isinstance(target, (str, nn.Module)) and spec.model is None:
-        raise ValueError(
-            "cache=True needs cache_key='...' for a step function: a name for what it trains, e.g. "
-            "cache_key='my-bert-seq512'. Pass one, or leave the cache off."
-        )
+    spec = settings if spec is None else _only_spec(spec, settings, optimizer)
+    if isinstance(target, str) and spec.input_shape is None:
+        raise ValueError(f"input_shape is needed to probe {target!r}, e.g. input_shape=(3, 224, 224).")
+    if cache and cache_key is None:
+        _check_cacheable(target, spec, loss_fn, optimizer)
     spec = dataclasses.replace(spec, model=_identity(target, spec, cache_key))
     backend = get_backend(device)
     limit = _split_between_local_ranks(

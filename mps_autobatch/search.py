@@ -22,6 +22,7 @@ from typing import Literal
 import torch
 
 from . import distributed
+from ._units import format_bytes
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend, MemoryLimit
 from .errors import NoBatchSizeFits, mark_failed_step
@@ -398,20 +399,27 @@ class _Search:
 
     # --- the whole search ------------------------------------------------------------------------------
     def run(self, start: int) -> tuple[str, str]:
+        too_big: BaseException | None = None  # the out-of-memory error of a warm-up at two samples
         for size in dict.fromkeys((min(start, _SMALL_START), 1)):  # when two samples do not fit, one may
             try:
                 self.warm_up(size)
                 break
             except Exception as exc:
-                if not is_oom_error(exc):
+                if not is_oom_error(exc) and too_big is None:
                     raise
                 if size > 1:
                     self._recover()
+                    too_big = exc
                     continue
+                # One sample may be no step at all (BatchNorm cannot train on it): the size that did not fit is
+                # the answer's reason, not the model.
+                oom_at, cause, also = size, exc, ""
+                if too_big is not None and not is_oom_error(exc):
+                    oom_at, cause, also = 2, too_big, f"; at 1: {type(exc).__name__}: {_first(exc)}"
                 raise NoBatchSizeFits(
-                    f"No batch size fits in {self.limit / 2**30:.2f} GiB: the warm-up step at batch size {size} ran "
-                    f"out of memory ({str(exc).splitlines()[0]}). Use a smaller model or input, or a larger memory "
-                    "limit.",
+                    f"No batch size fits in {format_bytes(self.limit)}: the warm-up step at batch size "
+                    f"{oom_at} ran out of memory ({_first(cause)}){also}. Use a "
+                    "smaller model or input, or a larger memory limit.",
                     trials=(),
                     limit_bytes=self.limit,
                 ) from exc
@@ -427,6 +435,10 @@ class _Search:
             # Under torchrun every rank runs the same sizes: rank 0 decides, from the agreed trials.
             strategy, note, units = distributed.from_rank_zero((strategy, note, units))
         return strategy, note
+
+
+def _first(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _failed(batch_size: int, error: str) -> Trial:

@@ -41,19 +41,20 @@ def _one_error_line(args: list[str], message: str) -> None:
             "Error: Unknown timm model 'efficientnet_bo'. Did you mean 'efficientnet_b0'?",
         ),
         (["--image-size", "4"], "Error: --image-size must be >= 8 pixels, got 4. Pass e.g. --image-size 224."),
-        (["--headroom", "1.5"], "Error: headroom must be a fraction in [0, 1), got 1.5."),
+        (["--headroom", "1.5"], "Error: --headroom must be a fraction in [0, 1), got 1.5."),
         (
             ["--headroom", "1.0"],
-            "Error: headroom must be a fraction in [0, 1), got 1.0. The default 0.2 keeps 20% free.",
+            "Error: --headroom must be a fraction in [0, 1), got 1.0. The default 0.2 keeps 20% free.",
         ),
         (
             ["--headroom", "-0.1"],
-            "Error: headroom must be a fraction in [0, 1), got -0.1. The default 0.2 keeps 20% free.",
+            "Error: --headroom must be a fraction in [0, 1), got -0.1. The default 0.2 keeps 20% free.",
         ),
-        (["--requested", "0"], "Error: requested must be >= 1, got 0."),
+        (["--requested", "0"], "Error: --requested must be >= 1, got 0."),
         (
             ["--max-batch-size", "0"],
-            "Error: max_batch_size must be >= 1, got 0. Pass the largest size worth probing, e.g. the dataset length.",
+            "Error: --max-batch-size must be >= 1, got 0. Pass the largest size worth probing, e.g. the dataset "
+            "length.",
         ),
         (["--memory-limit", "lots"], "Error: Cannot read the memory size 'lots'."),
         (["--device", "tpu"], "Error: Unknown device 'tpu'. Use one of: auto, mps, cuda, cuda:N, cpu."),

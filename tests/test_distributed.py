@@ -83,10 +83,10 @@ def test_no_size_fitting_on_one_rank_is_no_size_for_all(tmp_path):
     assert ranks[0]["probe"]["error"] == "NoBatchSizeFits"
     # Rank 1's warm-up ran out of memory even at one sample; rank 0, in lockstep, counts it as its own.
     assert ranks[1]["probe"]["message"].startswith(
-        "No batch size fits in 0.06 GiB: the warm-up step at batch size 1 ran out of memory (MPS backend out of memory"
+        "No batch size fits in 65.00 MiB: the warm-up step at batch size 1 ran out of memory (MPS backend out of memory"
     )
     assert ranks[0]["probe"]["message"].startswith(
-        "No batch size fits in 0.25 GiB: the warm-up step at batch size 1 ran out of memory (Rank 1 ran out of "
+        "No batch size fits in 256.00 MiB: the warm-up step at batch size 1 ran out of memory (Rank 1 ran out of "
         "memory: MPS backend out of memory"
     )
 

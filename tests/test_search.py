@@ -192,7 +192,7 @@ def test_when_two_samples_do_not_fit_the_warm_up_falls_back_to_one():
 
 def test_when_not_even_one_sample_warms_up_no_batch_size_fits():
     _, backend, workload = curve_of([64 * MiB, 300 * MiB, 600 * MiB], limit=256 * MiB)
-    with pytest.raises(NoBatchSizeFits, match=r"^No batch size fits in 0.25 GiB: the warm-up step at batch size 1 ran"):
+    with pytest.raises(NoBatchSizeFits, match=r"^No batch size fits in 256.00 MiB: the warm-up step at batch size 1 "):
         search(workload, backend, backend.limit(), max_batch_size=2)
     assert (workload.warm_ups, workload.sizes) == ([2, 1], [])
 

@@ -55,8 +55,37 @@ def test_bad_settings_are_one_line_naming_the_argument(settings, kind, message):
 
 
 def test_spec_and_keywords_together_are_refused():
-    with pytest.raises(TypeError, match=r"^Pass the probe's settings either as spec= or as keyword arguments"):
+    with pytest.raises(TypeError) as raised:
         find_safe_batch_size(_net(), spec=ProbeSpec(input_shape=(3, 16, 16)), headroom=0.1, device="cpu")
+    assert str(raised.value) == (
+        "Pass the probe's settings either as spec= or as keyword arguments, not both: headroom given as keywords "
+        "too. Put them in the spec."
+    )
+
+
+def test_an_optimizer_object_names_the_spec_s_optimizer_in_the_cache(tmp_path):
+    spec = ProbeSpec(input_shape=(3, 16, 16), num_classes=10, memory_limit=96 * 2**20)
+    adamw = find_safe_batch_size(_net(), spec=spec, device=simulated_backend(SIM), cache=tmp_path)
+    net = _net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    with_sgd = find_safe_batch_size(net, spec=spec, optimizer=sgd, device=simulated_backend(SIM), cache=tmp_path)
+    assert (adamw.cached, with_sgd.cached) == (False, False)  # SGD's answer is not AdamW's
+    keys = sorted(json.loads(path.read_text())["key"]["optimizer"] for path in tmp_path.glob("*.json"))
+    assert keys == ["adamw", "custom:SGD"]
+
+
+def test_what_the_key_cannot_name_needs_a_cache_key():
+    with pytest.raises(ValueError, match=r"^cache needs cache_key='...' with a loss_fn: its code is not part"):
+        find_safe_batch_size(_net(), input_shape=(3, 16, 16), loss_fn=lambda o, t: o.sum(), device="cpu", cache=True)
+    with pytest.raises(ValueError, match=r"^cache needs cache_key='...' with an optimizer factory"):
+        factory = lambda params: torch.optim.SGD(params, lr=0.1)  # noqa: E731
+        find_safe_batch_size(_net(), input_shape=(3, 16, 16), optimizer=factory, device="cpu", cache=True)
+
+
+def test_a_timm_name_needs_its_input_shape_before_anything_is_built():
+    with pytest.raises(ValueError) as raised:
+        find_safe_batch_size("test_efficientnet", device="cpu")
+    assert str(raised.value) == "input_shape is needed to probe 'test_efficientnet', e.g. input_shape=(3, 224, 224)."
 
 
 def test_a_spec_gives_the_same_answer_as_its_keywords():
@@ -92,7 +121,7 @@ def test_a_step_function_needs_a_cache_key():
     with pytest.raises(ValueError) as raised:
         find_safe_batch_size(lambda batch_size: None, device="cpu", cache=True)
     assert str(raised.value) == (
-        "cache=True needs cache_key='...' for a step function: a name for what it trains, e.g. "
+        "cache needs cache_key='...' for a step function: a name for what it trains, e.g. "
         "cache_key='my-bert-seq512'. Pass one, or leave the cache off."
     )
 
@@ -173,7 +202,7 @@ def test_a_wrong_option_is_one_line_and_exit_2():
     result = runner.invoke(app, ["probe", "--requested", "0"])
     assert result.exit_code == 2
     assert result.stderr == (
-        "Error: requested must be >= 1, got 0. Pass the batch size you want, or leave it out to search from small.\n"
+        "Error: --requested must be >= 1, got 0. Pass the batch size you want, or leave it out to search from small.\n"
     )
 
 
@@ -192,3 +221,14 @@ def test_an_unavailable_device_names_the_flag_in_the_cli():
         "Error: --device mps is not available on this machine (found: cpu). Pass --device auto, or --simulate "
         "mps:16GiB to probe a simulated Mac.\n"
     )
+
+
+def test_when_two_samples_do_not_fit_a_batchnorm_model_s_failure_at_one_is_not_blamed_on_it():
+    args = ["probe", "--model", "test_efficientnet", "--image-size", "32", "--simulate", SIM, "--memory-limit", "70MiB"]
+    result = runner.invoke(app, [*args, "--no-cache"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith(
+        "Error: No batch size fits in 70.00 MiB: the warm-up step at batch size 2 ran out of memory (MPS backend out "
+        "of memory (MPS allocated: "
+    )
+    assert "; at 1: ValueError: Expected more than 1 value per channel when training" in result.stderr

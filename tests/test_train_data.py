@@ -15,8 +15,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from mps_autobatch.train import data
-from mps_autobatch.train.data import ImageDataset, load_dataset, make_eval_transform, make_train_transform
-from mps_autobatch.train.download import DownloadError, download_food101
+from mps_autobatch.train.data import (
+    DownloadError,
+    ImageDataset,
+    download_food101,
+    load_dataset,
+    make_eval_transform,
+    make_train_transform,
+)
 
 NORM = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 SIZE = 24

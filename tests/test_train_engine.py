@@ -16,10 +16,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from mps_autobatch.train import TrainConfig, TrainingOutOfMemory, train
-from mps_autobatch.train._display import Display
-from mps_autobatch.train._loaders import EpochBatches
 from mps_autobatch.train.checkpoint import METRIC_COLUMNS, load_checkpoint
-from mps_autobatch.train.commands import register
+from mps_autobatch.train.commands import Display, register
+from mps_autobatch.train.data import EpochBatches
 
 runner = CliRunner()
 QUIET = Display(quiet=True)
@@ -93,7 +92,7 @@ def test_the_training_order_depends_only_on_seed_and_epoch():
 def test_accumulated_micro_batches_give_the_full_batch_gradient():
     from mps_autobatch.devices import get_backend
     from mps_autobatch.step import TrainingStep
-    from mps_autobatch.train._steps import forward_backward_retrying
+    from mps_autobatch.train.engine import forward_backward_retrying
 
     torch.manual_seed(0)
     model, images, labels = nn.Linear(4, 3), torch.randn(7, 4), torch.randint(3, (7,))
@@ -316,7 +315,7 @@ def test_evaluate_and_predict_a_trained_checkpoint(digits_run, cli_app):
             ["--model", "efficientnet_bo"],
             "Error: Unknown timm model 'efficientnet_bo'. Did you mean 'efficientnet_b0'?",
         ),
-        (["--amp", "fp16"], "Error: --amp fp16 is for CUDA GPUs. On the CPU pass --amp bf16 or --amp off."),
+        (["--amp", "fp16"], "Error: amp 'fp16' is for CUDA GPUs. On the CPU use 'bf16' or 'off'."),
         (["--dataset", "imagefolder:/no/such/dir"], "Error: Image folder '/no/such/dir' not found."),
         (["--dataset", "mnist"], "Error: Unknown dataset 'mnist'."),
         (["--resume"], "Error: Nothing to resume:"),

@@ -15,11 +15,9 @@ import typer
 from typer.testing import CliRunner
 
 from mps_autobatch.train import TrainConfig, TrainingInterrupted, train
-from mps_autobatch.train._display import Display
-from mps_autobatch.train._interrupts import NOTE
-from mps_autobatch.train._setup import create_model, prepare_output, seed_everything
-from mps_autobatch.train.checkpoint import KILL_HOOK, load_checkpoint
-from mps_autobatch.train.commands import register
+from mps_autobatch.train._setup import create_model, seed_everything
+from mps_autobatch.train.checkpoint import KILL_HOOK, NOTE, load_checkpoint, prepare_output
+from mps_autobatch.train.commands import Display, register
 
 QUIET = Display(quiet=True)
 # 64 synthetic images of 32 px in optimisation batches of 16: 4 updates per epoch, 8 in all.

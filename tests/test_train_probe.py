@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from mps_autobatch.train import TrainConfig, train
-from mps_autobatch.train._display import Display
 from mps_autobatch.train.checkpoint import load_checkpoint
+from mps_autobatch.train.commands import Display
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,7 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._interrupts import TrainingInterrupted as TrainingInterrupted
+    from .checkpoint import TrainingInterrupted as TrainingInterrupted
     from .config import TrainConfig as TrainConfig
     from .engine import TrainingOutOfMemory as TrainingOutOfMemory
     from .engine import TrainResult as TrainResult
@@ -37,7 +37,7 @@ __all__ = [
 _HOMES = {
     "TrainConfig": "config",
     "TrainResult": "engine",
-    "TrainingInterrupted": "_interrupts",
+    "TrainingInterrupted": "checkpoint",
     "TrainingOutOfMemory": "engine",
     "train": "engine",
     "evaluate_checkpoint": "inference",

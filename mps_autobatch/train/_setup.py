@@ -1,4 +1,4 @@
-"""How a training run is set up: run folder, device, model, precision, optimizer, schedule and batch size."""
+"""How a training run is set up: device, model and its data config, optimizer, schedule, batch sizes, memory cap."""
 
 from __future__ import annotations
 
@@ -12,16 +12,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import distributed
-from .._units import parse_size
 from ..accumulation import plan_accumulation
 from ..devices import MemoryBackend
 from ..errors import AutobatchError
 from ..results import ProbeResult
-from ..spec import ProbeSpec
-from ..step import TrainingStep
-from ._steps import one_update
-from .checkpoint import UnreadableCheckpoint, load_checkpoint, remove_temporary_files
 from .config import TrainConfig
 
 __all__ = [
@@ -32,8 +26,6 @@ __all__ = [
     "make_optimizer",
     "memory_session",
     "model_data_config",
-    "prepare_output",
-    "probe_training_step",
     "resolve_device",
     "seed_everything",
 ]
@@ -110,89 +102,10 @@ def lr_at(update: int, *, peak: float, warmup: int, total: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def prepare_output(config: TrainConfig) -> dict[str, Any] | None:
-    """The checkpoint to resume from (None for a new run); refuses to overwrite a run or resume another one."""
-    folder, last = config.output_dir, config.output_dir / "last.pt"
-    if not config.resume:
-        if last.exists():
-            raise ValueError(f"{str(folder)!r} already holds a run. Pass --resume to continue it, or another --output.")
-        remove_temporary_files(folder)  # a first run killed while writing its first last.pt
-        return None
-    if not last.is_file():
-        raise ValueError(f"Nothing to resume: {str(last)!r} not found. Drop --resume to start a new run.")
-    try:
-        saved = load_checkpoint(last)
-    except UnreadableCheckpoint as exc:
-        fix = "Pass another --output to start a new run"
-        if (folder / "best.pt").is_file():
-            fix = "Copy best.pt over it to resume from the best epoch, or pass another --output to start a new run"
-        raise ValueError(f"Cannot resume from {str(last)!r}: {exc.reason}. {fix}.") from exc
-    mismatch = config.resume_mismatch(saved["config"])
-    if mismatch is not None:
-        raise ValueError(f"Cannot resume {str(folder)!r}: {mismatch}. Pass the same options, or another --output.")
-    remove_temporary_files(folder)  # left by a run killed mid-write; last.pt is the last complete checkpoint
-    return saved
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def probe_training_step(
-    step: TrainingStep,
-    model: nn.Module,
-    backend: MemoryBackend,
-    config: TrainConfig,
-    num_classes: int,
-    n_train: int,
-) -> ProbeResult:
-    """Probe the run's own step: `one_update` on a synthetic batch of the run's images and classes.
-
-    Every rank runs the same trials in lockstep (the step votes before it averages gradients); the model,
-    the optimizer and the scaler are put back bit for bit afterwards, and the run's random stream is left as
-    it was. The answer is cached under the model name, the step's settings and the device when
-    ``config.probe_cache`` is on.
-    """
-    from ..probe import find_safe_batch_size
-
-    shape = (3, config.image_size, config.image_size)
-
-    def one_training_update(batch_size: int) -> None:
-        # On the host, as the DataLoader hands them over; the step moves them to the device.
-        images = torch.randn(batch_size, *shape)
-        labels = torch.randint(num_classes, (batch_size,))
-        one_update(step, images, labels)
-
-    _, ranks = distributed.rank_and_world()
-    requested = config.effective_batch_size
-    spec = ProbeSpec(
-        model=f"{config.model} (autobatch train step: label smoothing {config.label_smoothing}, {ranks} ranks)",
-        input_shape=shape,
-        num_classes=num_classes,
-        optimizer=config.optimizer,
-        amp=step.amp,  # type: ignore[arg-type]
-        channels_last=step.channels_last,
-        memory_limit=parse_size(config.memory_limit) if config.memory_limit is not None else None,
-        requested=requested,
-        max_batch_size=min(requested or n_train, n_train),
-        steps_per_trial=2,
-    )
-    scaler_state = step.scaler.state_dict() if step.scaler is not None else None
-    with torch.random.fork_rng(devices=[]):  # the probe's batches must not move the run's random stream
-        result = find_safe_batch_size(
-            one_training_update,
-            spec=spec,
-            device=backend,
-            model=model,
-            optimizer=step.optimizer,
-            cache=config.probe_cache,
-            cache_key=spec.model,
-        )
-    if step.scaler is not None and scaler_state is not None:
-        step.scaler.load_state_dict(scaler_state)
-    return result
 
 
 def choose_batch_sizes(

@@ -1,4 +1,8 @@
-"""A run's files: atomic checkpoints (last.pt, best.pt) and metrics as CSV and JSON (RNG states: `step.rng_state`).
+"""A run's files and what keeps them whole: atomic checkpoints, metrics, the run folder, and Ctrl-C.
+
+Checkpoints (last.pt, best.pt) and metrics (CSV and JSON) are written atomically; `prepare_output` refuses to
+overwrite a run and checks a resume; a Ctrl-C is held back until the update is whole, then saved and raised
+(the RNG states a checkpoint holds come from `mps_autobatch.step.rng_state`).
 
 Every file is written to a temporary file in the same folder, flushed to disk, then renamed over the
 old one (``os.replace`` is atomic on POSIX and Windows), so a crash or a full disk leaves either the old
@@ -22,21 +26,35 @@ import io
 import json
 import os
 import signal
+import sys
 import tempfile
+import threading
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from types import FrameType
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __all__ = [
     "KILL_HOOK",
     "METRIC_COLUMNS",
+    "NOTE",
+    "TrainingInterrupted",
     "UnreadableCheckpoint",
+    "deferred",
+    "hold",
     "load_checkpoint",
+    "release",
     "remove_temporary_files",
     "save_checkpoint",
+    "stop",
+    "unfinished",
     "write_metrics",
 ]
 
@@ -183,3 +201,131 @@ def write_metrics(folder: str | Path, epochs: Sequence[dict[str, Any]], extra: d
     document = {**extra, "epochs": list(epochs)}
     json_path = _write_atomic(folder / "metrics.json", json.dumps(document, indent=2).encode())
     return csv_path, json_path
+
+
+# --- Ctrl-C --------------------------------------------------------------------------------------------------
+# Ctrl-C during training: held back while an update or an epoch's bookkeeping runs, then raised.
+#
+# A KeyboardInterrupt in the middle of an update would leave half of it done (accumulated gradients, moved
+# BatchNorm statistics, drawn random numbers, some parameters stepped and others not), and a checkpoint of that
+# could not be resumed exactly. So while `hold` is in force a first Ctrl-C is only noted (one line on stderr),
+# and `release` raises it once the update is whole; a second Ctrl-C raises at once, and `unfinished` then tells
+# the trainer not to save. Waiting for data and evaluating are not held: nothing there changes the run's state.
+#
+# The handler is installed by `deferred` only in the main thread and only over Python's default SIGINT handler
+# (an application's own handler, e.g. a notebook's, is left alone; `unfinished` still guards the save).
+
+NOTE = "Ctrl-C: finishing this update, then saving last.pt (Ctrl-C again stops at once, without saving)."
+"""The line printed when a Ctrl-C is held back."""
+
+RESUME = "run the same command with --resume to continue"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped `train`; ``checkpoint`` is the last.pt it saved for ``resume``, None when nothing was saved.
+
+    A KeyboardInterrupt, so code that catches that sees it as before; the message says what was saved.
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class _Guard:
+    held = False  # an update (or an epoch's bookkeeping and checkpoint) is under way
+    pending = False  # a Ctrl-C came while held
+
+
+_guard = _Guard()
+
+
+def _on_sigint(signum: int, frame: FrameType | None) -> None:
+    if _guard.held and not _guard.pending:
+        _guard.pending = True
+        with suppress(OSError, ValueError):  # stderr closed: the note is a courtesy
+            print(NOTE, file=sys.stderr, flush=True)
+        return
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold back Ctrl-C inside `hold` ... `release` while the block runs (a no-op outside the main thread)."""
+    _guard.held = _guard.pending = False
+    install = threading.current_thread() is threading.main_thread()
+    install = install and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if install:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def hold() -> None:
+    """From here to `release`, a first Ctrl-C waits."""
+    _guard.held = True
+
+
+def release() -> None:
+    """End `hold`; raise the KeyboardInterrupt held back since, if any."""
+    _guard.held = False
+    if _guard.pending:
+        _guard.pending = False
+        raise KeyboardInterrupt
+
+
+def unfinished() -> bool:
+    """Whether a KeyboardInterrupt came between `hold` and `release`: the run's state is half an update."""
+    return _guard.held
+
+
+def stop(save: Callable[[], None], checkpoint: Path, position: str) -> TrainingInterrupted:
+    """Save the run after a KeyboardInterrupt (unless it came mid-update) and say so, as the exception to raise.
+
+    ``position`` describes where the run is, e.g. "update 6 (epoch 1, 6 of 8 batches done)".
+    """
+    reason = "in the middle of an update"
+    if not unfinished():
+        hold()  # a further Ctrl-C waits for the save; a third one abandons it (the write is atomic)
+        try:
+            save()
+            return TrainingInterrupted(f"Interrupted after {position}: saved {checkpoint}; {RESUME}.", checkpoint)
+        except KeyboardInterrupt:
+            reason = "again while saving"
+        finally:
+            _guard.held = _guard.pending = False
+    if checkpoint.is_file():
+        fix = f"{RESUME} from {checkpoint}, the last checkpoint."
+    else:
+        fix = "no checkpoint was written yet."
+    return TrainingInterrupted(f"Interrupted {reason}: nothing saved; {fix}", None)
+
+
+# --- the run folder --------------------------------------------------------------------------------------
+
+
+def prepare_output(config: TrainConfig) -> dict[str, Any] | None:
+    """The checkpoint to resume from (None for a new run); refuses to overwrite a run or resume another one."""
+    folder, last = config.output_dir, config.output_dir / "last.pt"
+    if not config.resume:
+        if last.exists():
+            raise ValueError(f"{str(folder)!r} already holds a run. Pass --resume to continue it, or another --output.")
+        remove_temporary_files(folder)  # a first run killed while writing its first last.pt
+        return None
+    if not last.is_file():
+        raise ValueError(f"Nothing to resume: {str(last)!r} not found. Drop --resume to start a new run.")
+    try:
+        saved = load_checkpoint(last)
+    except UnreadableCheckpoint as exc:
+        fix = "Pass another --output to start a new run"
+        if (folder / "best.pt").is_file():
+            fix = "Copy best.pt over it to resume from the best epoch, or pass another --output to start a new run"
+        raise ValueError(f"Cannot resume from {str(last)!r}: {exc.reason}. {fix}.") from exc
+    mismatch = config.resume_mismatch(saved["config"])
+    if mismatch is not None:
+        raise ValueError(f"Cannot resume {str(folder)!r}: {mismatch}. Pass the same options, or another --output.")
+    remove_temporary_files(folder)  # left by a run killed mid-write; last.pt is the last complete checkpoint
+    return saved

@@ -1,4 +1,4 @@
-"""The `autobatch train`, `evaluate` and `predict` commands: parse, call the trainer, print.
+"""The `autobatch train`, `evaluate` and `predict` commands and what a run shows a person (`Display`).
 
 `register(app)` adds them to a typer app (cli.py's, or the one ``python -m mps_autobatch.train`` builds).
 Tables, progress and hints go to stderr; stdout carries data only (the run folder, or JSON).
@@ -12,13 +12,23 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from .. import _cli_common as _cli
 
-__all__ = ["register"]
+if TYPE_CHECKING:  # `autobatch --help` imports this module: no torch at import time
+    from ..devices import MemoryBackend
+    from ..results import ProbeResult
+
+__all__ = [
+    "Display",
+    "memory_bytes",
+    "register",
+]
 
 # DataLoader warns, and slows down, with more workers than cores.
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
@@ -125,7 +135,6 @@ def train_command(
     the effective batch with gradient accumulation.
     """
     from ..models import check_model_name
-    from ._display import Display
     from .config import TrainConfig
     from .engine import train
 
@@ -172,7 +181,7 @@ def train_command(
 
 def _interrupted(exc: KeyboardInterrupt) -> NoReturn:
     """Ctrl-C: one line saying what was saved (`TrainingInterrupted`'s message), exit code 130 as for SIGINT."""
-    from ._interrupts import TrainingInterrupted
+    from .checkpoint import TrainingInterrupted
 
     unsaved = "Interrupted before training started: nothing saved."
     message = str(exc) if isinstance(exc, TrainingInterrupted) else unsaved
@@ -261,3 +270,88 @@ def register(app: typer.Typer) -> None:
         epilog="Examples:\n\n  autobatch predict --checkpoint runs/food-101-efficientnet_b0/best.pt pizza.jpg ramen.jpg"
         "\n\n  autobatch predict --checkpoint runs/digits-resnet18/last.pt --top-k 3 --json digit.png",
     )(predict_command)
+
+
+# --- what a run shows a person -------------------------------------------------------------------------------
+# What a training run shows a person on stderr: a rich progress bar per epoch, one line per epoch and event.
+
+
+def memory_bytes(backend: MemoryBackend) -> int | None:
+    """What the run holds on its device now (driver memory on MPS, reserved on CUDA)."""
+    return backend.in_use_bytes()
+
+
+def _gib(size: int | None) -> str:
+    return "-" if size is None else f"{size / 2**30:.2f} GiB"
+
+
+class Display:
+    """Progress bars (only when stderr is a terminal) and one line per epoch and per event.
+
+    Args:
+        console: where everything goes (stderr by default).
+        progress: show live bars; None means when the console is a terminal.
+        quiet: print nothing at all (the Python API's choice; events are still in metrics.json).
+    """
+
+    def __init__(self, console: Console | None = None, *, progress: bool | None = None, quiet: bool = False) -> None:
+        self.console = console if console is not None else Console(stderr=True)
+        self.quiet = quiet
+        show = self.console.is_terminal if progress is None else progress
+        self._progress: Progress | None = None
+        if show and not quiet:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[speed]} img/s  mem {task.fields[memory]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+            )
+        self._task: TaskID | None = None
+
+    def probe(self, result: ProbeResult) -> None:
+        """The probe's trials and answer, before training starts."""
+        if self.quiet:
+            return
+        from ..report import summary_lines, trials_table
+
+        if result.cached:
+            self.print("Batch size from the probe cache (--no-probe-cache to probe again).")
+        self.console.print(trials_table(result))
+        for line in summary_lines(result):
+            self.print(line)
+
+    def print(self, message: str) -> None:
+        """One line for a person (above the bar while one is shown)."""
+        if not self.quiet:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        if self._progress is None:
+            return
+        self._progress.start()
+        description = f"epoch {epoch + 1}/{epochs}"
+        self._task = self._progress.add_task(description, total=total, completed=done, loss="-", speed="-", memory="-")
+
+    def step(self, loss: float, images_per_s: float, memory: int | None) -> None:
+        if self._progress is None or self._task is None:
+            return
+        speed, used = f"{images_per_s:.0f}", _gib(memory)
+        self._progress.update(self._task, advance=1, loss=f"{loss:.4f}", speed=speed, memory=used)
+
+    def end_epoch(self, row: dict[str, Any], epochs: int, best: bool) -> None:
+        self.close()
+        mark = "  (best)" if best else ""
+        self.print(
+            f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f}  val loss {row['val_loss']:.4f}  "
+            f"top-1 {100 * row['val_top1']:.2f}%  top-5 {100 * row['val_top5']:.2f}%  "
+            f"{row['images_per_s']:.0f} img/s  mem {_gib(row['memory_bytes'])}{mark}"
+        )
+
+    def close(self) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.remove_task(self._task)
+            self._progress.stop()
+            self._task = None

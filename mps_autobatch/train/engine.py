@@ -5,14 +5,18 @@ Each pass of the loop: set the learning rate → evaluate and checkpoint at an e
 the allocator's cache every K updates → log. One pass is one optimizer update on one optimisation batch
 (``effective_batch_size`` samples); on an out-of-memory error the same batch is re-run in smaller
 micro-batches, so no sample is skipped and the update is the same one.
+
+The update's pieces (`forward_backward_retrying`, `one_update`) are what ``batch_size="auto"`` probes too:
+`probe_training_step` runs the run's own `mps_autobatch.step.TrainingStep` through them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+import traceback
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,17 +24,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from .. import distributed
 from .._units import parse_size
 from ..accumulation import micro_batch_sizes
 from ..devices import MemoryBackend, get_backend
+from ..errors import AutobatchError, mark_failed_step
+from ..oom import is_oom_error
 from ..results import ProbeResult
-from ..step import TrainingStep, rng_state, set_rng_state
-from . import _interrupts
-from ._display import Display, memory_bytes
-from ._loaders import eval_loader, load_splits, train_batches
-from ._loaders import train_loader as make_train_loader
+from ..spec import ProbeSpec
+from ..step import Rewind, TrainingStep, autocast, fork_rng, rng_state, set_rng_state
+from . import checkpoint
 from ._setup import (
     choose_batch_sizes,
     create_model,
@@ -38,22 +44,26 @@ from ._setup import (
     make_optimizer,
     memory_session,
     model_data_config,
-    prepare_output,
-    probe_training_step,
     resolve_device,
     seed_everything,
 )
-from ._steps import (
-    MAX_OOM_RETRIES,
-    TrainingOutOfMemory,
-    evaluate,
-    forward_backward_retrying,
-    set_lr,
-)
-from .checkpoint import save_checkpoint, write_metrics
+from .checkpoint import prepare_output, save_checkpoint, write_metrics
+from .commands import Display, memory_bytes
 from .config import TrainConfig
+from .data import eval_loader, load_splits, train_batches
+from .data import train_loader as make_train_loader
 
-__all__ = ["MAX_OOM_RETRIES", "TrainResult", "TrainingOutOfMemory", "evaluate", "train"]
+__all__ = [
+    "MAX_OOM_RETRIES",
+    "TrainResult",
+    "TrainingOutOfMemory",
+    "evaluate",
+    "forward_backward_retrying",
+    "one_update",
+    "probe_training_step",
+    "set_lr",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -94,21 +104,58 @@ class _State:
 
 @dataclass
 class _Run:
-    """What the loop reads, built once in `train`."""
+    """What the loop reads, built once in `train`: the step, the data, the schedule, and where the run is saved."""
 
+    model: nn.Module  # evaluated and saved; the step may run it through its DistributedDataParallel wrapper
     step: TrainingStep
-    evaluate: Callable[[int], dict[str, float]]
     backend: MemoryBackend
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    val: DataLoader
+    splits: Any
     steps_per_epoch: int
     epochs: int
-    schedule: Callable[[int], float]
     empty_cache_every: int
     checkpoint_every: int
     stop_after: int | None
-    skipped: Callable[[], int]
-    save: Callable[[_State, bool], None]
+    folder: Path | None  # None on ranks other than 0: rank 0's files hold the same weights and numbers
+    static: dict[str, Any]  # what every checkpoint holds besides the state: config, classes, schedule, ...
     display: Display
+
+    def lr(self, update: int) -> float:
+        schedule = self.static["schedule"]
+        return lr_at(
+            update, peak=schedule["peak_lr"], warmup=schedule["warmup_updates"], total=schedule["total_updates"]
+        )
+
+    def evaluate(self, micro: int) -> dict[str, float]:
+        """Validation metrics, in batches no larger than the micro-batch that trains."""
+        step = self.step
+        return evaluate(
+            self.model, self.val, device=step.device, amp=step.amp, channels_last=step.channels_last, batch_size=micro
+        )
+
+    def save(self, state: _State, best: bool) -> None:
+        """last.pt (and best.pt), then the metrics files, all atomically; nothing on ranks other than 0."""
+        if self.folder is None:
+            return
+        position = {k: v for k, v in dataclasses.asdict(state).items() if k not in ("rows", "events")}
+        optimizer, scaler, static = self.step.optimizer, self.step.scaler, self.static
+        saved = {
+            "model": self.model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": {**static["schedule"], "update": state.update},
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng_state(self.step.device),
+            "state": position,
+            "metrics": state.rows,
+            "events": state.events,
+            **static,
+        }
+        save_checkpoint(self.folder / "last.pt", saved)
+        if best:
+            save_checkpoint(self.folder / "best.pt", saved)
+        summary = {k: static[k] for k in ("model_name", "classes", "config")}
+        write_metrics(self.folder, state.rows, {**summary, "best_top1": state.best_top1, "events": state.events})
 
 
 # --- the loop ---------------------------------------------------------------------------------------------
@@ -119,7 +166,7 @@ def _loop(run: _Run, state: _State) -> bool:
     updates_here, on_oom = 0, partial(_record_oom, state, run.display)
     run.display.start_epoch(state.epoch, run.epochs, run.steps_per_epoch, state.batches_done)
     while True:
-        lr = set_lr(run.step.optimizer, run.schedule(state.update))
+        lr = set_lr(run.step.optimizer, run.lr(state.update))
         if state.batches_done == run.steps_per_epoch:
             _end_epoch(run, state)
             if state.epoch == run.epochs:
@@ -132,7 +179,7 @@ def _loop(run: _Run, state: _State) -> bool:
             return True
         started = time.perf_counter()
         images, labels = next(run.batches)
-        _interrupts.hold()  # a Ctrl-C from here waits for the update to finish: never save half of one
+        checkpoint.hold()  # a Ctrl-C from here waits for the update to finish: never save half of one
         with _first_updates_measured(run.backend, state, len(images)):
             loss, state.micro_batch_size = forward_backward_retrying(
                 run.step, run.backend, images, labels, state.micro_batch_size, on_oom
@@ -145,7 +192,7 @@ def _loop(run: _Run, state: _State) -> bool:
         state.update, state.batches_done, state.lr = state.update + 1, state.batches_done + 1, lr
         state.epoch_loss_sum, state.epoch_train_s = state.epoch_loss_sum + loss_value, state.epoch_train_s + elapsed
         updates_here += 1
-        _interrupts.release()  # raises the held Ctrl-C, if any: `train` saves this position
+        checkpoint.release()  # raises the held Ctrl-C, if any: `train` saves this position
         run.display.step(loss_value, len(images) / elapsed, memory_bytes(run.backend))
 
 
@@ -198,7 +245,7 @@ def _record_oom(state: _State, display: Display, micro: int, new_micro: int, mes
 
 def _end_epoch(run: _Run, state: _State) -> None:
     metrics = run.evaluate(state.micro_batch_size)
-    _interrupts.hold()  # the epoch's row, position and checkpoint change together or not at all
+    checkpoint.hold()  # the epoch's row, position and checkpoint change together or not at all
     _, ranks = distributed.rank_and_world()
     steps, effective = run.steps_per_epoch, state.effective_batch_size
     row: dict[str, Any] = {
@@ -216,7 +263,7 @@ def _end_epoch(run: _Run, state: _State) -> None:
         "accumulation_steps": len(micro_batch_sizes(effective, state.micro_batch_size)),
         "effective_batch_size": effective,
         "oom_retries": state.epoch_ooms,
-        "skipped_images": run.skipped(),
+        "skipped_images": run.splits.skipped,
         "memory_bytes": memory_bytes(run.backend),
     }
     best = state.best_top1 is None or row["val_top1"] > state.best_top1
@@ -225,17 +272,17 @@ def _end_epoch(run: _Run, state: _State) -> None:
     state.epoch, state.batches_done = state.epoch + 1, 0
     state.epoch_loss_sum, state.epoch_train_s, state.epoch_ooms = 0.0, 0.0, 0
     run.save(state, best)
-    _interrupts.release()
+    checkpoint.release()
     run.display.end_epoch(row, run.epochs, best)
     if state.epoch < run.epochs:
         run.display.start_epoch(state.epoch, run.epochs, run.steps_per_epoch, 0)
 
 
-def _stopped(run: _Run, state: _State, folder: Path) -> _interrupts.TrainingInterrupted:
+def _stopped(run: _Run, state: _State, folder: Path) -> checkpoint.TrainingInterrupted:
     """After a Ctrl-C: last.pt at the last whole update (unless it came mid-update), as the exception to raise."""
     batches = f"{state.batches_done} of {run.steps_per_epoch} batches done"
     where = f"update {state.update} (epoch {state.epoch + 1}, {batches})"
-    return _interrupts.stop(partial(run.save, state, False), folder / "last.pt", where)
+    return checkpoint.stop(partial(run.save, state, False), folder / "last.pt", where)
 
 
 # --- setup ------------------------------------------------------------------------------------------------
@@ -249,38 +296,6 @@ def _restore(saved: dict[str, Any], model: nn.Module, optimizer: torch.optim.Opt
     return _State(**saved["state"], rows=list(saved["metrics"]), events=list(saved["events"]))
 
 
-def _saver(
-    folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, static: dict[str, Any]
-) -> Callable[[_State, bool], None]:
-    """``save(state, best)``: last.pt (and best.pt), then the metrics files, all atomically."""
-    device = next(model.parameters()).device
-
-    def save(state: _State, best: bool) -> None:
-        position = {k: v for k, v in dataclasses.asdict(state).items() if k not in ("rows", "events")}
-        checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {**static["schedule"], "update": state.update},
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "rng": rng_state(device),
-            "state": position,
-            "metrics": state.rows,
-            "events": state.events,
-            **static,
-        }
-        save_checkpoint(folder / "last.pt", checkpoint)
-        if best:
-            save_checkpoint(folder / "best.pt", checkpoint)
-        summary = {k: static[k] for k in ("model_name", "classes", "config")}
-        write_metrics(folder, state.rows, {**summary, "best_top1": state.best_top1, "events": state.events})
-
-    return save
-
-
-def _no_save(state: _State, best: bool) -> None:
-    """Ranks other than 0 write nothing: rank 0's checkpoint and metrics hold the same weights and numbers."""
-
-
 def _make_run(
     config: TrainConfig,
     splits: Any,
@@ -291,7 +306,6 @@ def _make_run(
     display: Display,
     data_config: dict[str, Any],
 ) -> _Run:
-    device, amp, channels_last = backend.device, step.amp, step.channels_last
     # A simulated Mac starts workers as macOS does (spawn), which also keeps the simulation's tensor
     # tracking out of them.
     rank, ranks = distributed.rank_and_world()
@@ -313,23 +327,21 @@ def _make_run(
         "data_config": {"image_size": config.image_size, **{k: data_config[k] for k in ("mean", "std", "crop_pct")}},
         "schedule": {"peak_lr": config.peak_lr, "warmup_updates": warmup, "total_updates": total},
     }
-    val = eval_loader(splits.val, state.micro_batch_size, **options)
     every = config.empty_cache_every
     return _Run(
+        model=model,
         step=step,
-        evaluate=lambda micro: evaluate(
-            model, val, device=device, amp=amp, channels_last=channels_last, batch_size=micro
-        ),
         backend=backend,
         batches=train_batches(loader, sampler, state.epoch, state.batches_done),
+        val=eval_loader(splits.val, state.micro_batch_size, **options),
+        splits=splits,
         steps_per_epoch=steps,
         epochs=config.epochs,
-        schedule=partial(lr_at, peak=config.peak_lr, warmup=warmup, total=total),
         empty_cache_every=every if every is not None else backend.empty_cache_every,
         checkpoint_every=config.checkpoint_every,
         stop_after=config.stop_after,
-        skipped=lambda: splits.skipped,
-        save=_saver(config.output_dir, model, step.optimizer, step.scaler, static) if rank == 0 else _no_save,
+        folder=config.output_dir if rank == 0 else None,
+        static=static,
         display=display,
     )
 
@@ -449,7 +461,7 @@ def _train(
         if saved is not None:
             set_rng_state(saved["rng"], backend.device)  # last: building the run may have drawn random numbers
         try:
-            with _interrupts.deferred():
+            with checkpoint.deferred():
                 try:
                     stopped = state.epoch < config.epochs and _loop(run, state)
                 except KeyboardInterrupt:
@@ -468,3 +480,211 @@ def _train(
         stopped=stopped,
         probe=probe,
     )
+
+
+# --- one update ----------------------------------------------------------------------------------------------
+# One optimizer update's pieces: micro-batch forward/backward with out-of-memory recovery, the step, evaluation.
+
+MAX_OOM_RETRIES = 3
+"""Halvings of the micro-batch tried for one optimisation batch before giving up."""
+
+
+class TrainingOutOfMemory(AutobatchError):
+    """An optimisation batch ran out of memory even after `MAX_OOM_RETRIES` halvings of the micro-batch."""
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+def _forward_backward(step: TrainingStep, images: torch.Tensor, labels: torch.Tensor, micro: int) -> torch.Tensor:
+    """Accumulate the gradient of the batch's mean loss; each micro-batch weighted by its share of the batch."""
+    total, start, loss_sum = len(images), 0, None
+    for size in micro_batch_sizes(total, micro):
+        loss = step.loss(images[start : start + size], labels[start : start + size]) * (size / total)
+        step.backward(loss)
+        # Summed on the device: reading it (a sync point) is left to the log step, once per update.
+        loss_sum = loss.detach().float() if loss_sum is None else loss_sum + loss.detach().float()
+        start += size
+    assert loss_sum is not None  # a batch has at least one sample
+    return loss_sum
+
+
+def _agreed_forward_backward(
+    step: TrainingStep, images: torch.Tensor, labels: torch.Tensor, micro: int
+) -> torch.Tensor:
+    """`_forward_backward` on every rank, or an error on every rank; gradients averaged once all succeeded.
+
+    Under DDP (``step.model`` a `DistributedDataParallel`) the pass accumulates gradients locally
+    (``no_sync``) and the ranks vote on its outcome before any gradient is reduced: syncing inside
+    ``backward()`` would leave the other ranks waiting in its all-reduce for a rank that had already failed.
+    """
+    accumulate = step.model.no_sync if isinstance(step.model, DistributedDataParallel) else nullcontext
+    error, loss = None, None
+    try:
+        with accumulate():
+            loss = _forward_backward(step, images, labels, micro)
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)  # its frames pin the failed pass's activations
+        error = exc
+    distributed.agree_on_outcome(error, "the training step")
+    distributed.average_gradients(step.model.parameters())
+    assert loss is not None
+    return loss
+
+
+def one_update(step: TrainingStep, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """One whole optimizer update on one batch, exactly as the loop runs it at a micro-batch of the whole batch.
+
+    This is the step ``--batch-size auto`` probes: the trainer's model (channels_last, the DDP wrapper), its
+    loss, optimizer, scaler and gradient averaging, on every rank in lockstep.
+    """
+    _agreed_forward_backward(step, images, labels, len(images))
+    step.update()
+
+
+def forward_backward_retrying(
+    step: TrainingStep,
+    backend: MemoryBackend,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    micro: int,
+    on_oom: Callable[[int, int, str], None],
+) -> tuple[torch.Tensor, int]:
+    """`_agreed_forward_backward`, re-run on the same batch with half the micro-batch after an out-of-memory error.
+
+    A failed pass leaves partial gradients, moved BatchNorm running statistics and advanced RNGs: all three
+    are put back before the re-run, so it computes what a run at the smaller micro-batch would have. A rank
+    that runs out of memory makes every rank halve together; one that fails otherwise stops them all.
+    """
+    rewind, first = Rewind(step.model, backend.device), micro
+    for retry in range(MAX_OOM_RETRIES + 1):
+        try:
+            return _agreed_forward_backward(step, images, labels, micro), micro
+        except Exception as exc:
+            if not is_oom_error(exc):
+                if not isinstance(exc, AutobatchError):  # another rank's failure is already said as such
+                    mark_failed_step(exc, f"at micro-batch {micro}")
+                raise
+            # The allocator's numbers, without MPS's hint to lift the limit (the cap is there on purpose).
+            message = str(exc).splitlines()[0].split(" Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")[0]
+        # Outside the except block: the traceback, and the activations its frames pinned, are gone.
+        step.model.zero_grad(set_to_none=True)
+        rewind.restore()
+        backend.clear_cache()
+        if retry == MAX_OOM_RETRIES or micro == 1:
+            break
+        on_oom(micro, max(micro // 2, 1), message)
+        micro = max(micro // 2, 1)
+    raise TrainingOutOfMemory(
+        f"Out of memory even at micro-batch {micro} (from {first}, after {MAX_OOM_RETRIES} halvings at most): "
+        f"{message} Pass a smaller --image-size or model, or a larger --memory-limit."
+    )
+
+
+def _score(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    amp: str | None,
+    channels_last: bool,
+) -> torch.Tensor:
+    """(summed cross-entropy, top-1 hits, top-5 hits) of one batch, on the CPU."""
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp):
+        logits = model(images).float()
+    hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
+    loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+    return torch.stack([loss, hits[:, 0].sum(), hits.any(dim=1).sum()]).cpu()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    amp: str | None = None,
+    channels_last: bool = False,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Mean cross-entropy (no smoothing), top-1 and top-5 accuracy (fractions) over a loader.
+
+    ``batch_size`` splits the loader's batches further: the trainer passes its current micro-batch, so an
+    evaluation never needs more memory than the training step that fits.
+    """
+    was_training = model.training
+    model.eval()
+    totals, count = torch.zeros(3, dtype=torch.float64), 0
+    for images, labels in loader:
+        step = batch_size or len(images)
+        for start in range(0, len(images), step):
+            chunk = slice(start, start + step)
+            totals += _score(model, images[chunk], labels[chunk], device, amp, channels_last)
+        count += len(labels)
+    model.train(was_training)
+    # Under torchrun each rank scored its share of the split (`eval_loader`): add them up.
+    summed = distributed.sum_over_ranks(torch.cat([totals, torch.tensor([float(count)], dtype=totals.dtype)]))
+    loss, top1, top5, images = summed.tolist()
+    loss, top1, top5 = (value / max(images, 1) for value in (loss, top1, top5))
+    return {"loss": loss, "top1": top1, "top5": top5, "images": int(images)}
+
+
+def probe_training_step(
+    step: TrainingStep,
+    model: nn.Module,
+    backend: MemoryBackend,
+    config: TrainConfig,
+    num_classes: int,
+    n_train: int,
+) -> ProbeResult:
+    """Probe the run's own step: `one_update` on a synthetic batch of the run's images and classes.
+
+    Every rank runs the same trials in lockstep (the step votes before it averages gradients); the model,
+    the optimizer and the scaler are put back bit for bit afterwards, and the run's random stream is left as
+    it was. The answer is cached under the model name, the step's settings and the device when
+    ``config.probe_cache`` is on.
+    """
+    from ..probe import find_safe_batch_size
+
+    shape = (3, config.image_size, config.image_size)
+
+    def one_training_update(batch_size: int) -> None:
+        # On the host, as the DataLoader hands them over; the step moves them to the device.
+        images = torch.randn(batch_size, *shape)
+        labels = torch.randint(num_classes, (batch_size,))
+        one_update(step, images, labels)
+
+    _, ranks = distributed.rank_and_world()
+    requested = config.effective_batch_size
+    spec = ProbeSpec(
+        model=f"{config.model} (autobatch train step: label smoothing {config.label_smoothing}, {ranks} ranks)",
+        input_shape=shape,
+        num_classes=num_classes,
+        optimizer=config.optimizer,
+        amp=step.amp,  # type: ignore[arg-type]
+        channels_last=step.channels_last,
+        memory_limit=parse_size(config.memory_limit) if config.memory_limit is not None else None,
+        requested=requested,
+        max_batch_size=min(requested or n_train, n_train),
+        steps_per_trial=2,
+    )
+    scaler_state = step.scaler.state_dict() if step.scaler is not None else None
+    with fork_rng(backend.device):  # the probe's batches and dropout must not move the run's random streams
+        result = find_safe_batch_size(
+            one_training_update,
+            spec=spec,
+            device=backend,
+            model=model,
+            optimizer=step.optimizer,
+            cache=config.probe_cache,
+            cache_key=spec.model,
+        )
+    if step.scaler is not None and scaler_state is not None:
+        step.scaler.load_state_dict(scaler_state)
+    return result

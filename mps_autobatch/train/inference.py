@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from ..devices import get_backend
-from ._loaders import eval_loader, load_splits
 from ._setup import create_model
-from ._steps import evaluate
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
+from .data import eval_loader, load_splits
+from .engine import evaluate
 
 __all__ = ["evaluate_checkpoint", "load_trained_model", "predict"]
 
