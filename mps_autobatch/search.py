@@ -413,7 +413,8 @@ class _Search:
                     continue
                 # One sample may be no step at all (BatchNorm cannot train on it): the size that did not fit is
                 # the answer's reason, not the model.
-                oom_at, cause, also = size, exc, ""
+                oom_at, also = size, ""
+                cause: BaseException = exc
                 if too_big is not None and not is_oom_error(exc):
                     oom_at, cause, also = 2, too_big, f"; at 1: {type(exc).__name__}: {_first(exc)}"
                 raise NoBatchSizeFits(
