@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits, failed_step
+from .errors import AutobatchError, AutobatchWarning, NoBatchSizeFits, failed_step, first_line
 
 if TYPE_CHECKING:
     from .devices import MemoryBackend
@@ -72,7 +72,7 @@ def _reported() -> Iterator[None]:
     except Exception as exc:
         if os.environ.get("AUTOBATCH_DEBUG"):
             raise
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        message = first_line(exc)
         where = failed_step(exc)
         if where is not None:
             # The user's model or torch failed inside a training step: not a wrong option, not our bug.

@@ -35,7 +35,7 @@ from typing import Any
 
 import platformdirs
 
-from .errors import AutobatchWarning
+from .errors import AutobatchWarning, first_line
 from .results import ProbeResult, Trial
 
 __all__ = ["cache_dir", "clear", "fingerprint", "load", "result_from_dict", "store"]
@@ -148,7 +148,7 @@ def load(key: Mapping[str, object], limit_bytes: int, *, folder: Path | None = N
             raise ValueError("its key does not match its name")
         result = result_from_dict(data["result"])
     except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         warnings.warn(
             f"Ignoring unreadable cache file '{path}' ({reason}); it will be rewritten after this probe.",
             AutobatchWarning,

@@ -162,8 +162,8 @@ def _gather(summary: Any) -> list[Any]:
 def _failure(error: BaseException | None) -> dict[str, Any] | None:
     if error is None:
         return None
-    text = str(error).splitlines()[0] if str(error) else ""
-    return {"failed": type(error).__name__, "message": text, "oom": is_oom_error(error)}
+    message = str(error).splitlines()[0] if str(error) else ""
+    return {"failed": type(error).__name__, "message": message, "oom": is_oom_error(error)}
 
 
 def _raise_for(error: BaseException | None, failures: list[dict[str, Any] | None], what: str) -> None:
@@ -250,8 +250,7 @@ def share_failure(error: Exception) -> None:
     The caller re-raises ``error`` afterwards; the other ranks raise an error naming this rank.
     """
     if is_distributed():
-        text = str(error).splitlines()[0] if str(error) else ""
-        _gather({"failed": type(error).__name__, "message": text, "no_fit": isinstance(error, NoBatchSizeFits)})
+        _gather({**(_failure(error) or {}), "no_fit": isinstance(error, NoBatchSizeFits)})
 
 
 def agree_on_probe(result: ProbeResult) -> ProbeResult:

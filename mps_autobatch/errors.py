@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .results import Trial
 
-__all__ = ["AutobatchError", "AutobatchWarning", "NoBatchSizeFits", "failed_step", "mark_failed_step"]
+__all__ = ["AutobatchError", "AutobatchWarning", "NoBatchSizeFits", "failed_step", "first_line", "mark_failed_step"]
 
 _FAILED_STEP = "_autobatch_failed_step"
 
@@ -58,3 +58,13 @@ def failed_step(error: BaseException) -> str | None:
     """Where the training step ``error`` came from was running, if it came from one (`mark_failed_step`)."""
     where = getattr(error, _FAILED_STEP, None)
     return where if isinstance(where, str) else None
+
+
+def first_line(error: BaseException) -> str:
+    """What one line of a message can say about ``error``: its first line, or its type's name when it has none.
+
+    Example:
+        >>> first_line(RuntimeError("out of memory\\nmore detail")), first_line(MemoryError())
+        ('out of memory', 'MemoryError')
+    """
+    return str(error).splitlines()[0] if str(error) else type(error).__name__

@@ -262,13 +262,15 @@ def _probe(
 
         target = create_model(target, spec.num_classes)
     assert not isinstance(target, str)
+    # A module steps with the spec's optimizer unless given one; a step function brings its own.
+    runs = optimizer if optimizer is not None or not isinstance(target, nn.Module) else spec.optimizer
     workload = make_workload(
         target,
         device=backend.device,
         input_shape=spec.input_shape,
         num_classes=spec.num_classes,
         loss_fn=loss_fn,
-        optimizer=optimizer if optimizer is not None or not isinstance(target, nn.Module) else spec.optimizer,
+        optimizer=runs,
         amp=spec.amp,
         channels_last=spec.channels_last,
         grad_scaler=backend.uses_grad_scaler,

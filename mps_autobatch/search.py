@@ -25,7 +25,7 @@ from . import distributed
 from ._units import format_bytes
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend, MemoryLimit
-from .errors import NoBatchSizeFits, mark_failed_step
+from .errors import NoBatchSizeFits, first_line, mark_failed_step
 from .oom import is_oom_error
 from .results import Outcome, ProbeResult, Trial
 from .throughput import knee, time_steps
@@ -416,10 +416,10 @@ class _Search:
                 oom_at, also = size, ""
                 cause: BaseException = exc
                 if too_big is not None and not is_oom_error(exc):
-                    oom_at, cause, also = 2, too_big, f"; at 1: {type(exc).__name__}: {_first(exc)}"
+                    oom_at, cause, also = 2, too_big, f"; at 1: {type(exc).__name__}: {first_line(exc)}"
                 raise NoBatchSizeFits(
                     f"No batch size fits in {format_bytes(self.limit)}: the warm-up step at batch size "
-                    f"{oom_at} ran out of memory ({_first(cause)}){also}. Use a "
+                    f"{oom_at} ran out of memory ({first_line(cause)}){also}. Use a "
                     "smaller model or input, or a larger memory limit.",
                     trials=(),
                     limit_bytes=self.limit,
@@ -436,10 +436,6 @@ class _Search:
             # Under torchrun every rank runs the same sizes: rank 0 decides, from the agreed trials.
             strategy, note, units = distributed.from_rank_zero((strategy, note, units))
         return strategy, note
-
-
-def _first(error: BaseException) -> str:
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def _failed(batch_size: int, error: str) -> Trial:

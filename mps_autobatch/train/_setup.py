@@ -14,7 +14,7 @@ from torch import nn
 
 from ..accumulation import plan_accumulation
 from ..devices import MemoryBackend
-from ..errors import AutobatchError
+from ..errors import AutobatchError, first_line
 from ..results import ProbeResult
 from .config import TrainConfig
 
@@ -69,7 +69,7 @@ def create_model(name: str, num_classes: int, *, pretrained: bool, weights: str 
         # RuntimeError (torch.load) or SafetensorError; an unknown name is a RuntimeError too, not about weights.
         if not pretrained or not timm.is_model(name):
             raise
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         source = f"from {weights!r}" if weights else "from the Hugging Face hub"
         raise WeightsUnavailable(
             f"Could not load pretrained weights for {name!r} {source} ({reason}). "
