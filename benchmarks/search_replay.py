@@ -119,11 +119,12 @@ def _load_search(revision: str | None) -> types.ModuleType:
             ["git", "show", f"{revision}:mps_autobatch/search.py"], check=True, capture_output=True, text=True
         ).stdout
         path = Path(tempfile.mkdtemp()) / "search_at_revision.py"
-        path.write_text(source.replace("from .", "from mps_autobatch."))
+        path.write_text(source.replace("from . import", "from mps_autobatch import").replace("from .", "from mps_autobatch."))
         spec = importlib.util.spec_from_file_location("search_at_revision", path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    module.gc = types.SimpleNamespace(collect=lambda: 0)  # type: ignore[attr-defined]  # the curves allocate nothing
+    if hasattr(module, "gc"):  # before the policy module, the search itself collected garbage: the curves allocate nothing
+        module.gc = types.SimpleNamespace(collect=lambda: 0)  # type: ignore[attr-defined]
     return module
 
 
@@ -132,20 +133,21 @@ def replay(curve: dict, search_module: types.ModuleType) -> dict:
     from memory_curves import Curve, CurveBackend, CurveWorkload
 
     ran = [row for row in curve["rows"] if row[1] is not None]
-    sizes, peaks, seconds = (np.array([row[i] for row in ran]) for i in (0, 1, 3))
+    sizes, peaks, tensors, seconds = (np.array([row[i] for row in ran]) for i in (0, 1, 2, 3))
     top = max(row[0] for row in curve["rows"])
     first_oom = min((row[0] for row in curve["rows"] if row[1] is None), default=top + 1)
     every = np.arange(top + 1)
     interpolated = np.interp(every, np.r_[0, sizes], np.r_[curve["idle_peak"], peaks])
     limit = curve["limit"]
     peak_at = [int(p) if size < first_oom else 2 * limit for size, p in zip(every, interpolated)]
+    tensors_at = [int(t) for t in np.interp(every, np.r_[0, sizes], np.r_[curve["idle_alloc"], tensors])]
     per_sample, fixed = np.polyfit(sizes, seconds, 1)
 
     def cost(size: int) -> float:
         return max(fixed, 0.02) + per_sample * size
 
     budget_truth = next(size for size in range(1, top + 1) if peak_at[size] > int(limit * (1 - HEADROOM))) - 1
-    backend = CurveBackend(Curve(tuple(peak_at), limit))
+    backend = CurveBackend(Curve(tuple(peak_at), limit, tuple(tensors_at)))
     workload = CurveWorkload(backend)
     result = search_module.search(workload, backend, backend.limit(), headroom=HEADROOM, max_batch_size=top)
     return {
@@ -157,9 +159,10 @@ def replay(curve: dict, search_module: types.ModuleType) -> dict:
     }
 
 
-def random_curves(count: int, seed: int) -> list[tuple[list[int], int]]:
-    """Staircase curves like the recorded ones, ``(peaks, limit)``: affine, with a fixed workspace at one
-    sample or more (up to 20% of the limit), noise up to 4 samples and allocator blocks up to 8% of it."""
+def random_curves(count: int, seed: int) -> list[tuple[list[int], int, list[int]]]:
+    """Staircase curves like the recorded ones, ``(peaks, limit, tensors)``: affine, with a fixed workspace at one
+    sample or more (up to 20% of the limit), noise up to 4 samples and allocator blocks up to 8% of it; the
+    tensors are the affine part (no noise, no blocks)."""
     draw, curves = random.Random(seed), []
     while len(curves) < count:
         limit = draw.randint(256 * MiB, 64 * GiB)
@@ -169,29 +172,30 @@ def random_curves(count: int, seed: int) -> list[tuple[list[int], int]]:
         noise = draw.choice([0, draw.uniform(0, 4)]) * slope
         block = draw.choice([None, int(limit * draw.uniform(0.005, 0.08))])
         workspace = draw.choice([0, draw.uniform(0, 0.2)]) * limit
-        noise_seed, peaks, highest = draw.randrange(2**32), [], 0
+        noise_seed, peaks, tensors, highest = draw.randrange(2**32), [], [], 0
         for size in range(4097):
-            value = rest + slope * size + noise * random.Random(noise_seed * 8192 + size).random()
-            value += workspace if size else 0
+            exact = rest + slope * size + (workspace if size else 0)
+            value = exact + noise * random.Random(noise_seed * 8192 + size).random()
             if block:
                 value = math.ceil(value / block) * block
             highest = max(highest, int(value))  # a larger batch never needs less
             peaks.append(highest)
+            tensors.append(int(exact))
         if peaks[2] <= limit * (1 - HEADROOM):
-            curves.append((peaks, limit))
+            curves.append((peaks, limit, tensors))
     return curves
 
 
-def replay_random(curves: list[tuple[list[int], int]], search_module: types.ModuleType) -> dict:
+def replay_random(curves: list[tuple[list[int], int, list[int]]], search_module: types.ModuleType) -> dict:
     """Trials, estimated step-equivalents (a step costs 0.2 + size / budget truth) and answer ÷ budget truth."""
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from memory_curves import Curve, CurveBackend, CurveWorkload
 
     rows = []
-    for peaks, limit in curves:
+    for peaks, limit, tensors in curves:
         budget = int(limit * (1 - HEADROOM))
         truth = next((size for size in range(1, len(peaks)) if peaks[size] > budget), len(peaks)) - 1
-        backend = CurveBackend(Curve(tuple(peaks), limit))
+        backend = CurveBackend(Curve(tuple(peaks), limit, tuple(tensors)))
         workload = CurveWorkload(backend)
         result = search_module.search(
             workload, backend, backend.limit(), headroom=HEADROOM, max_batch_size=len(peaks) - 1

@@ -34,7 +34,8 @@ SimulateOpt = Annotated[
     str | None,
     typer.Option(
         "--simulate",
-        help="Probe a simulated Mac instead of a real device, e.g. mps:16GiB (compute runs on this CPU).",
+        help="Probe a simulated Mac instead of a real device, e.g. mps:16GiB, or mps:16GiB:pow2-heaps for an "
+        "allocator variant (compute runs on this CPU).",
     ),
 ]
 

@@ -7,6 +7,7 @@ simulated accelerator (`mps_autobatch.simulate`) stands in for a Mac in tests an
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import re
@@ -19,6 +20,7 @@ from typing import Any
 
 import psutil
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._tracking import StorageBook
 from ._units import format_bytes
@@ -67,10 +69,28 @@ class PeakWindow:
     Attributes:
         peak_bytes: the highest reading of the counter the limit applies to; None if it read 0 or nothing.
         allocated_bytes: the highest live-tensor reading; None if unknown.
+        flushed: the allocator released its cache inside the block on its own (it reached its limit or its
+            memory-pressure mark), so the block's high point is higher than any reading of it.
     """
 
     peak_bytes: int | None = None
     allocated_bytes: int | None = None
+    flushed: bool = False
+
+
+class _EveryOp(TorchDispatchMode):
+    """Calls ``sample`` before and after every op: the allocator books a buffer when an op is dispatched, not
+    when the device runs it, so the readings need no synchronize and catch the high point to within one op."""
+
+    def __init__(self, sample: Callable[[], None]) -> None:
+        super().__init__()
+        self._sample = sample
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._sample()
+        out = func(*args, **(kwargs or {}))
+        self._sample()
+        return out
 
 
 def _mps_bf16_supported() -> bool:
@@ -163,8 +183,27 @@ class MemoryBackend(ABC):
         """Release the allocator's idle cached memory (and reset peak statistics where kept).
 
         No garbage collection here: a full collection costs 0.2 s in a process that has imported timm,
-        and a step's tensors are freed by reference counting. The search collects after a failure.
+        and a step's tensors are freed by reference counting. `release_failed_step` collects.
         """
+
+    def settle(self) -> None:
+        """Before anything is measured: collect what earlier work left in reference cycles, empty the cache."""
+        gc.collect()
+        self.clear_cache()
+
+    def release_failed_step(self) -> None:
+        """Free what a failed step left on this device, after the workload undid its own part.
+
+        When a backward pass fails, the graph's other ready tasks stay in the autograd engine's queue for
+        this device, holding the failed step's activations, until the next backward runs there (measured on
+        the simulation: a failed ResNet step kept 58 MiB alive through every later trial); a trivial
+        backward drains the queue. Reference cycles through the failed step's frames can still hold
+        tensors: a full collection frees them. Then the cache is emptied.
+        """
+        leaf = torch.zeros((), device=self.device, requires_grad=True)
+        (leaf * 1.0).backward()
+        gc.collect()
+        self.clear_cache()
 
     def choose_amp(self, setting: str) -> str | None:
         """The autocast dtype ("bf16", "fp16" or None for fp32) for an ``--amp`` setting on this device.
@@ -345,30 +384,33 @@ class MPSBackend(MemoryBackend):
 
     @contextmanager
     def measure(self) -> Iterator[PeakWindow]:
+        """Driver memory before and after every op of the block, and whether the allocator flushed its cache.
+
+        Freed buffers stay in the allocator's cache, so driver memory only falls when the cache is released;
+        inside a step nothing of ours releases it, so a fall means the allocator flushed it under pressure, at
+        or near its limit: ``window.flushed`` says so, and the trial does not fit the budget.
+        """
         window = PeakWindow()
         peak_stats = self._has_peak_stats()
         driver: list[int] = []
         allocated: list[int] = []
 
-        def sample(*_: Any) -> None:
-            self._mps.synchronize()
+        def sample() -> None:
             driver.append(int(self._mps.driver_allocated_memory()))
             allocated.append(int(self._mps.current_allocated_memory()))
 
+        self._mps.synchronize()
         sample()
         if peak_stats:
             self._accelerator.reset_peak_memory_stats()
-        # Driver memory is read at every module's forward (after a synchronize) and at the end; freed
-        # buffers stay in the allocator's cache, so driver memory only falls when the cache is flushed.
-        hook = torch.nn.modules.module.register_module_forward_hook(sample)
-        try:
+        with _EveryOp(sample):
             yield window
-        finally:
-            hook.remove()
+        self._mps.synchronize()
         sample()
         window.peak_bytes = _positive(max(driver))
         tensor_peak = self._accelerator.max_memory_allocated() if peak_stats else max(allocated)
         window.allocated_bytes = _positive(tensor_peak)
+        window.flushed = any(later < earlier for earlier, later in zip(driver, driver[1:]))
 
     def synchronize(self) -> None:
         self._mps.synchronize()

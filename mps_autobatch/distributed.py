@@ -217,6 +217,7 @@ def agree_on_trial(trial: Trial, limit_bytes: int, error: BaseException | None =
         "allocated": None if trial.allocated_bytes is None else trial.allocated_bytes / limit_bytes,
         "step_s": trial.step_s,
         "error": trial.error,
+        "flushed": trial.flushed,
     }
     everyone = _gather(mine)
     _raise_for(error, [other["failure"] for other in everyone], "the probe")
@@ -241,6 +242,7 @@ def agree_on_trial(trial: Trial, limit_bytes: int, error: BaseException | None =
         step_s,
         trial.batch_size / step_s,
         fits_budget=False,  # the search decides fits against its budget
+        flushed=any(o["flushed"] for o in everyone),
     )
 
 

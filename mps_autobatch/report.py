@@ -149,7 +149,7 @@ def summary_lines(result: ProbeResult) -> list[str]:
 def plot(result: ProbeResult, path: str | Path) -> Path:
     """Save a PNG of measured peak memory against batch size.
 
-    Successful trials are blue circles at their peak; failed trials are red crosses drawn at the
+    Successful trials are blue circles at their peak (grey squares at their tensor peak); failed trials are red crosses drawn at the
     limit (an out-of-memory step has no peak to show). The fitted line is purple and dashed, the limit a
     red line, the budget an orange dashed line, and the recommended size a green dotted vertical line
     with a star where the fit (or its trial) puts its peak.
@@ -190,6 +190,9 @@ def _draw(axes: Axes, result: ProbeResult) -> None:
     if ran:
         peaks = [t.peak_bytes / _GIB for t in ran if t.peak_bytes is not None]
         axes.plot([t.batch_size for t in ran], peaks, "o", color=_OK_COLOR, label="ran (peak)")
+        tensors = [(t.batch_size, t.allocated_bytes / _GIB) for t in ran if t.allocated_bytes is not None]
+        if tensors and tensors != list(zip([t.batch_size for t in ran], peaks)):
+            axes.plot(*zip(*tensors), "s", color="0.55", markersize=4, label="tensor peak")
     if failed:
         axes.plot(failed, [limit] * len(failed), "x", color=_FAILED_COLOR, markersize=9, mew=2, label="failed")
     x_max = 1.1 * max([t.batch_size for t in result.trials] + [result.batch_size])

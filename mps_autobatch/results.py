@@ -26,8 +26,11 @@ class Trial:
             ``peak_bytes`` is allocator cache and, on MPS, Metal/MPSGraph allocations.
         step_s: seconds per step (synchronized), None when the trial failed.
         samples_per_s: ``batch_size / step_s``.
-        fits_budget: the trial ran and its peak is within the budget.
+        fits_budget: the trial ran, its high point was read, and it is within the budget.
         error: the out-of-memory message, for a failed trial.
+        flushed: the allocator released its cache during the step on its own (on MPS driver memory fell: it
+            reached its limit or its memory-pressure mark), so the step's high point is above ``peak_bytes``
+            and the trial does not fit the budget whatever it read.
     """
 
     batch_size: int
@@ -38,6 +41,7 @@ class Trial:
     samples_per_s: float | None
     fits_budget: bool
     error: str | None = None
+    flushed: bool = False
 
     @property
     def ok(self) -> bool:

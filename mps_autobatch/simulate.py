@@ -45,32 +45,60 @@ from .devices import (
     MPSBackend,
 )
 
-__all__ = ["AllocatorModel", "SimulatedMPS", "SimulatedMPSBackend", "simulated_backend"]
+__all__ = ["ALLOCATOR_VARIANTS", "AllocatorModel", "SimulatedMPS", "SimulatedMPSBackend", "simulated_backend"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
 
 
 @dataclass(frozen=True)
 class AllocatorModel:
-    """The allocator's constants; the defaults are MPSAllocator.h's (kMaxSmallAlloc, kRoundLarge, ...).
+    """The allocator's constants and rules; the defaults are MPSAllocator.h's (kMaxSmallAlloc, kRoundLarge, ...).
+
+    A search that is right here must stay right when rounding, reuse, caching or other allocations behave
+    otherwise, so each rule below has a variant (`ALLOCATOR_VARIANTS` names them), imitating what PyTorch's
+    allocators do in some version, mode or machine.
 
     Attributes:
         page_bytes: small buffers are rounded up to this (the 16 KiB page of Apple silicon).
         small_max_bytes: the largest "small" buffer.
         large_round_bytes: large buffers are rounded up to this.
-        reuse_slack_bytes: a cached buffer of the same pool (small or large) up to this much larger than a
-            request is reused for it (kLargeHeap).
+        large_rounding: "fixed" rounds large buffers up to ``large_round_bytes``; "power_of_two" up to the next
+            power of two, as heaps sized in powers of two hold them (MTLHeap sizes; the CUDA caching allocator's
+            ``roundup_power2_divisions`` in PYTORCH_CUDA_ALLOC_CONF does the same to block sizes).
+        reuse: which cached buffer serves a request. "slack": one of the same pool at most
+            ``reuse_slack_bytes`` larger (kLargeHeap's slack); "best_fit_2x": the smallest of the same pool at
+            most twice the request, as MPSAllocator's get_free_buffer takes the smallest cached buffer at least
+            as large (``available_buffers.lower_bound``) and a heap serves any request that fits in it.
+        reuse_slack_bytes: the slack of ``reuse="slack"``.
         other_bytes: driver memory outside PyTorch's heaps (Metal, MPSGraph), present from the start.
         graph_bytes_per_shape: driver memory added per new (op, input shapes) signature, as MPSGraph
-            caches grow with distinct shapes (pytorch/pytorch#132596).
+            caches grow with distinct shapes (pytorch/pytorch#132596); never released by ``empty_cache``.
+        flush_at: the fraction of the limit past which the allocator releases its cached buffers before
+            growing (MPSAllocator.mm's malloc: ``garbage_collect_cached_buffers`` under memory pressure, past the
+            low watermark); 1.0: only when the limit itself would be passed, just before failing.
     """
 
     page_bytes: int = 16 * KiB
     small_max_bytes: int = 1 * MiB
     large_round_bytes: int = 2 * MiB
+    large_rounding: Literal["fixed", "power_of_two"] = "fixed"
+    reuse: Literal["slack", "best_fit_2x"] = "slack"
     reuse_slack_bytes: int = 32 * MiB
     other_bytes: int = 64 * MiB
     graph_bytes_per_shape: int = 0
+    flush_at: float = 1.0
+
+
+ALLOCATOR_VARIANTS: dict[str, AllocatorModel] = {
+    "default": AllocatorModel(),
+    "best-fit-2x": AllocatorModel(reuse="best_fit_2x"),
+    "pow2-heaps": AllocatorModel(large_rounding="power_of_two"),
+    "graph-per-shape": AllocatorModel(graph_bytes_per_shape=64 * KiB),
+    "flush-at-90": AllocatorModel(flush_at=0.9),
+}
+"""The allocator variants by name, (a) to (e): today's model; best-fit reuse up to 2x; power-of-two heaps; other
+allocations that grow with each distinct input shape; a cache flush past 90 % of the limit. ``--simulate
+mps:16GiB:pow2-heaps`` picks one; ``mps:16GiB`` is "default"."""
 
 
 def _round_up(size: int, step: int) -> int:
@@ -171,7 +199,9 @@ class SimulatedMPS:
         self._cache: list[tuple[int, int, _Buffer]] = []  # sorted (size, id, buffer)
         self._shapes: set[tuple[object, ...]] = set()
         self._book: StorageBook | None = None
+        self._high_water = 0
         self.oom_count = 0
+        self.flushes = 0  # cache releases the allocator made on its own, under pressure
 
     # --- the torch.mps API ---------------------------------------------------------------------------
     def current_allocated_memory(self) -> int:
@@ -210,6 +240,15 @@ class SimulatedMPS:
         return self._ratio
 
     @property
+    def high_water_bytes(self) -> int:
+        """The true high point of driver memory since `reset_high_water`, at every allocation (what a reading
+        taken between ops can miss)."""
+        return self._high_water
+
+    def reset_high_water(self) -> None:
+        self._high_water = self.driver_allocated_memory()
+
+    @property
     def limit_bytes(self) -> int | None:
         """The driver-memory limit now in force, None when disabled (ratio 0.0)."""
         return int(self._ratio * self.recommended_max_bytes) if self._ratio > 0 else None
@@ -237,18 +276,22 @@ class SimulatedMPS:
         model = self.allocator
         if nbytes <= model.small_max_bytes:
             return _round_up(max(nbytes, 1), model.page_bytes)
+        if model.large_rounding == "power_of_two":
+            return 1 << (nbytes - 1).bit_length()
         return _round_up(nbytes, model.large_round_bytes)
 
-    def _over_limit(self, size: int) -> bool:
+    def _over_limit(self, size: int, fraction: float = 1.0) -> bool:
         limit = self.limit_bytes
-        return limit is not None and self.driver_allocated_memory() + size > limit
+        return limit is not None and self.driver_allocated_memory() + size > fraction * limit
 
     def _allocate(self, nbytes: int) -> _Buffer:
         size = self._size_class(nbytes)
         buffer = None if self._over_limit(size) else self._reuse(size)
         if buffer is None:
-            if self._over_limit(size) or self.driver_allocated_memory() + size > self.memory_bytes:
-                self.empty_cache()  # MPSAllocator releases its cached buffers once before failing
+            if self._over_limit(size, self.allocator.flush_at) or self.driver_allocated_memory() + size > self.memory_bytes:
+                if self._cache:
+                    self.flushes += 1
+                self.empty_cache()  # MPSAllocator releases its cached buffers before growing past the limit
             if self._over_limit(size) or self.driver_allocated_memory() + size > self.memory_bytes:
                 self.oom_count += 1
                 raise self._out_of_memory(size, nbytes)
@@ -256,18 +299,20 @@ class SimulatedMPS:
             self._heaps += size
         self._live += buffer.size
         self._peak_live = max(self._peak_live, self._live)
+        self._high_water = max(self._high_water, self.driver_allocated_memory())
         return buffer
 
     def _reuse(self, size: int) -> _Buffer | None:
         # Small and large buffers live in separate pools (MPSAllocator's get_pool): a small request is
-        # never served from a large cached buffer, and a large one only within the slack.
+        # never served from a large cached buffer, and a large one only within the slack (or twice its size).
         index = bisect.bisect_left(self._cache, (size, -1))
         if index == len(self._cache):
             return None
         cached = self._cache[index][0]
         small = self.allocator.small_max_bytes
         same_pool = (cached <= small) == (size <= small)
-        if same_pool and cached <= size + self.allocator.reuse_slack_bytes:
+        most = 2 * size if self.allocator.reuse == "best_fit_2x" else size + self.allocator.reuse_slack_bytes
+        if same_pool and cached <= most:
             return self._cache.pop(index)[2]
         return None
 
@@ -381,19 +426,30 @@ class SimulatedMPSBackend(MPSBackend):
             yield
 
 
-_SPEC = re.compile(r"^(mps|mps-cuda-text):(.+)$")
+_SPEC = re.compile(r"^(mps|mps-cuda-text):([^:]+)(?::(.+))?$")
 
 
 def simulated_backend(spec: str) -> SimulatedMPSBackend:
     """A simulated Mac from a spec such as ``"mps:16GiB"`` (``"mps-cuda-text:16GiB"`` raises CUDA texts).
 
+    A third part names the allocator variant (`ALLOCATOR_VARIANTS`): ``"mps:16GiB:pow2-heaps"``.
+
     Example:
         >>> backend = simulated_backend("mps:16GiB")
         >>> round(backend.sim.recommended_max_memory() / 2**30, 2)   # 2/3 of a 16 GiB Mac
         10.67
+        >>> simulated_backend("mps:8GiB:flush-at-90").sim.allocator.flush_at
+        0.9
     """
     match = _SPEC.match(spec.strip())
     if match is None:
         raise ValueError(f"Cannot read the simulation {spec!r}. Write it as 'mps:16GiB' (a Mac with 16 GiB).")
     style: Literal["mps", "cuda"] = "cuda" if match.group(1) == "mps-cuda-text" else "mps"
-    return SimulatedMPSBackend(SimulatedMPS(parse_size(match.group(2)), error_style=style))
+    variant = match.group(3) or "default"
+    if variant not in ALLOCATOR_VARIANTS:
+        raise ValueError(
+            f"Unknown allocator variant {variant!r} in the simulation {spec!r}. Use one of: "
+            f"{', '.join(ALLOCATOR_VARIANTS)}."
+        )
+    memory = parse_size(match.group(2))
+    return SimulatedMPSBackend(SimulatedMPS(memory, error_style=style, allocator=ALLOCATOR_VARIANTS[variant]))

@@ -17,10 +17,15 @@ from mps_autobatch.devices import MemoryBackend, MemoryLimit, PeakWindow
 
 @dataclass(frozen=True)
 class Curve:
-    """Peak bytes at each batch size 0..len(peaks) - 1 (index 0: at rest), and the device's limit."""
+    """Peak bytes at each batch size 0..len(peaks) - 1 (index 0: at rest), and the device's limit.
+
+    ``tensors``, if given, are the live-tensor peaks at the same sizes (at most the peaks); else live bytes read
+    as the peak.
+    """
 
     peaks: tuple[int, ...]
     limit: int
+    tensors: tuple[int, ...] | None = None
 
     def largest_that_runs(self) -> int:
         """The largest size whose peak is within the limit, 0 if none."""
@@ -35,7 +40,7 @@ class CurveBackend(MemoryBackend):
     def __init__(self, curve: Curve, report_allocated: bool = True) -> None:
         self.curve = curve
         self.report_allocated = report_allocated
-        self.highest = curve.peaks[0]
+        self.highest = 0
 
     def limit(self, memory_limit: int | None = None) -> MemoryLimit:
         return MemoryLimit(self.curve.limit, "memory_limit")
@@ -43,13 +48,20 @@ class CurveBackend(MemoryBackend):
     def in_use_bytes(self) -> int:
         return self.curve.peaks[0]
 
+    def settle(self) -> None:
+        """A curve allocates nothing: nothing to collect (a full collection costs 0.1 s with torch loaded)."""
+
+    def release_failed_step(self) -> None:
+        """A failed step of a curve leaves nothing behind."""
+
     @contextmanager
     def measure(self) -> Iterator[PeakWindow]:
         window = PeakWindow()
-        self.highest = self.curve.peaks[0]
+        self.highest = 0  # the size that ran (0: at rest)
         yield window
-        window.peak_bytes = self.highest or None
-        window.allocated_bytes = (self.highest or None) if self.report_allocated else None
+        tensors = self.curve.tensors or self.curve.peaks
+        window.peak_bytes = self.curve.peaks[self.highest] or None
+        window.allocated_bytes = (tensors[self.highest] or None) if self.report_allocated else None
 
 
 class CurveWorkload:
@@ -76,10 +88,10 @@ class CurveWorkload:
         self._run(batch_size)
 
     def _run(self, batch_size: int) -> None:
-        peak = self.backend.curve.peaks[batch_size]
+        peak = self.backend.curve.peaks[min(batch_size, len(self.backend.curve.peaks) - 1)]  # past the end: the last
         if peak > self.backend.curve.limit:
             raise RuntimeError(MPS_LIMITED_GIB)
-        self.backend.highest = max(self.backend.highest, peak)
+        self.backend.highest = max(self.backend.highest, min(batch_size, len(self.backend.curve.peaks) - 1))
 
     def recover(self) -> None:
         """Nothing to undo: a failed step allocated nothing."""

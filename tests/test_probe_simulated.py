@@ -8,7 +8,6 @@ import timm
 import torch
 
 from mps_autobatch import find_safe_batch_size
-from mps_autobatch.search import _release_failed_backward
 from mps_autobatch.simulate import AllocatorModel, SimulatedMPS, SimulatedMPSBackend
 from mps_autobatch.workload import make_workload
 
@@ -59,8 +58,8 @@ def _truth(setting, model_name, limit):
                     outcomes[size] = None
                     failures += 1
                 if outcomes[size] is None:
-                    _release_failed_backward(backend.device)
                     workload.recover()
+                    backend.release_failed_step()
                 size += 1
     max_truth = max(size for size, peak in outcomes.items() if peak is not None)
     budget_truth = max(size for size, peak in outcomes.items() if peak is not None and peak <= budget)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -65,14 +64,6 @@ def cases(draw: st.DrawFn) -> Case:
         warm_up_steps=draw(st.booleans(), label="warm-up runs a step"),
         report_allocated=draw(st.booleans(), label="live bytes reported"),
     )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _no_garbage_collection():
-    """The fake allocates nothing: skip the search's full collections (0.1 s each with torch loaded)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("mps_autobatch.search.gc", SimpleNamespace(collect=lambda: 0))
-        yield
 
 
 def _search(case: Case, find_max: bool) -> tuple[ProbeResult | None, tuple[Trial, ...]]:

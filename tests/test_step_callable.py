@@ -41,7 +41,7 @@ def test_after_out_of_memory_trials_the_search_goes_on_and_leaves_no_gradient(re
     # The trials after the failures read what a fresh search reads at those sizes: nothing was left allocated.
     fresh_model, fresh_optimizer, fresh_step = _mlp_and_step()  # kept alive: their tensors are what is left
     fresh, fresh_backend = _probe(fresh_step, 4096)
-    assert [t.outcome for t in fresh.trials] == ["ok", "ok"]
+    assert {t.outcome for t in fresh.trials} == {"ok"}
     assert abs(result.batch_size - fresh.batch_size) <= 0.05 * fresh.batch_size
     # Left alive on the device: the weights and AdamW's moments (54 MiB), exactly as after a probe with no failure.
     left = backend.sim.current_allocated_memory()
@@ -54,7 +54,7 @@ def test_the_answer_is_the_same_from_any_start_on_a_rising_stretch():
     # within 5 %. (Above it the allocator's reuse makes the curve fall again, so a start at 4096 finds the
     # larger sizes under the budget: see the search issue.)
     from_two, from_1120 = (_probe(_mlp_and_step()[2], requested)[0].batch_size for requested in (None, 1400))
-    assert from_two == 1007
+    assert from_two == 1024  # 1007 before the policy module
     assert abs(from_1120 - from_two) <= 0.05 * from_two
 
 

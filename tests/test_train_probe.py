@@ -95,6 +95,6 @@ def test_under_torchrun_the_ranks_probe_the_ddp_step_in_lockstep_and_agree_with_
     assert done.returncode == 0, done.stderr[-2000:]
     events = json.loads((tmp_path / "run" / "metrics.json").read_text())["events"]
     probe, measured, gap = _agreement(events)
-    # Each rank trains on half of the 460 images: 230 // 75 = 3 updates before the epoch ends.
-    assert (probe["batch_size"], measured["updates"]) == (75, 3)
+    # Each rank trains on half of the 460 images: 230 // 74 = 3 updates before the epoch ends.
+    assert (probe["batch_size"], measured["updates"]) == (74, 3)  # 75 before the policy module
     assert abs(gap) <= 0.03, f"probe {probe['peak_bytes']} vs training {measured['peak_bytes']}"
