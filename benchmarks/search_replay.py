@@ -6,7 +6,9 @@
     python -m benchmarks.search_replay --random 3000       # ... and on random staircase curves too (a minute)
 
 A curve is one real training step per batch size on the simulated Mac (peak driver bytes, live bytes and wall
-seconds of a first step at that size), recorded once; replaying the search on it takes milliseconds, so a change to
+seconds of a first step at that size), recorded once; the replay reads both the peak and the live (tensor) bytes,
+and random curves carry their exact affine part as tensor bytes; replaying the search on it takes milliseconds,
+so a change to
 the search can be judged on many models without a 30-minute benchmark. Sizes between recorded ones are linearly
 interpolated, and a step's cost is a straight line fitted to the recorded seconds: *step-eq.* here is the sum of
 those costs (warm-up included) over the cost at the budget truth, an estimate. `compare_finders` measures it.
@@ -119,11 +121,15 @@ def _load_search(revision: str | None) -> types.ModuleType:
             ["git", "show", f"{revision}:mps_autobatch/search.py"], check=True, capture_output=True, text=True
         ).stdout
         path = Path(tempfile.mkdtemp()) / "search_at_revision.py"
-        path.write_text(source.replace("from . import", "from mps_autobatch import").replace("from .", "from mps_autobatch."))
+        path.write_text(
+            source.replace("from . import", "from mps_autobatch import").replace("from .", "from mps_autobatch.")
+        )
         spec = importlib.util.spec_from_file_location("search_at_revision", path)
         module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
         spec.loader.exec_module(module)  # type: ignore[union-attr]
-    if hasattr(module, "gc"):  # before the policy module, the search itself collected garbage: the curves allocate nothing
+    if hasattr(
+        module, "gc"
+    ):  # before the policy module, the search itself collected garbage: the curves allocate nothing
         module.gc = types.SimpleNamespace(collect=lambda: 0)  # type: ignore[attr-defined]
     return module
 

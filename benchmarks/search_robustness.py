@@ -4,7 +4,9 @@
 
 For each model and each `mps_autobatch.simulate.ALLOCATOR_VARIANTS` entry, on a fresh simulated Mac with that
 allocator: the budget truth and max truth found on that variant (doubling, then bisection; a size fits the budget
-when the simulation's true high-water mark of driver memory, at every allocation, stays within it), then ours with
+when the simulation's true high-water mark of driver memory, at every allocation, stays within it; on a curve that
+is not monotone, the largest size under the first size that does not fit, with the largest fitting size found by
+bisection reported too), then ours with
 default settings, then a follow-up at our answer (20 training steps, a short last batch of a third, 3 eval batches)
 whose true high-water mark is reported as a fraction of the limit. Lightning's BatchSizeFinder (power and binsearch)
 and Accelerate's find_executable_batch_size run on the default allocator, for the timm models.
@@ -19,6 +21,7 @@ import logging
 import platform
 import statistics
 import time
+import traceback
 import warnings
 from datetime import date
 from pathlib import Path
@@ -39,6 +42,8 @@ HEADROOM = 0.2
 COMMAND = "python -m benchmarks.search_robustness"
 # Three of the five variants per run keep it near 12 minutes on 2 cores; --all-variants runs the five.
 VARIANTS = ["default", "pow2-heaps", "flush-at-90"]
+# Variants whose readings depend on the sizes run before: their truths are measured one fresh device per size.
+FRESH = {name: model.graph_bytes_per_shape > 0 for name, model in ALLOCATOR_VARIANTS.items()}
 # (name, what it builds, input shape, classes, limit): the issue's flat staircase MLP first.
 MODELS = [
     ("mlp 256-2048-2048-10", "mlp", (256,), 10, 256 * MiB),
@@ -65,11 +70,15 @@ def _high_water_step(backend: SimulatedMPSBackend, workload, size: int) -> tuple
     backend.clear_cache()
     backend.sim.reset_high_water()
     began = time.perf_counter()
+    failed = False
     try:
         workload.step(size)
     except Exception as exc:
         if not is_oom_error(exc):
             raise
+        traceback.clear_frames(exc.__traceback__)  # their locals pin the failed step's tensors
+        failed = True
+    if failed:  # outside the except block, so the traceback is gone too
         workload.recover()
         backend.release_failed_step()
         return None, time.perf_counter() - began
@@ -86,8 +95,18 @@ def truths(kind: str, shape, classes: int, limit: int, variant: str) -> dict:
 
             def high(size: int) -> int | None:
                 if size not in seen:
-                    seen[size] = _high_water_step(backend, work, size)[0]
+                    seen[size] = fresh_high(size) if FRESH[variant] else _high_water_step(backend, work, size)[0]
                 return seen[size]
+
+            def fresh_high(size: int) -> int | None:
+                # Other allocations that grow with every shape seen make a reading depend on what ran before:
+                # each size is measured in a fresh device, after the same warm-up, as a new process would be.
+                other = backend_for(variant)
+                model = build(kind, classes)
+                with make_workload(model, device=other.device, input_shape=shape, num_classes=classes) as alone:
+                    with other.session(limit):
+                        alone.warm_up(2)
+                        return _high_water_step(other, alone, size)[0]
 
             def bisect(ok, low: int, high_: int) -> int:
                 while high_ - low > 1:
@@ -103,18 +122,41 @@ def truths(kind: str, shape, classes: int, limit: int, variant: str) -> dict:
             fits = lambda s: ran(s) and high(s) <= budget  # noqa: E731
             under = max((s for s, h in seen.items() if h is not None and h <= budget), default=1)
             over = min((s for s, h in seen.items() if s > under and (h is None or h > budget)), default=max_truth + 1)
-            budget_truth = bisect(fits, under, over) if fits(under) else 0
+            largest_fitting = bisect(fits, under, over) if fits(under) else 0
+            # Peak memory need not rise with the batch (an allocator's reuse can make a larger batch fit where a
+            # smaller one did not): look for a size under the budget truth that does not fit, on an 8 % grid
+            # from a quarter of it, and take the truth under the first such size.
+            grid, size = [], max(1, largest_fitting // 4)
+            while size < largest_fitting:
+                grid.append(size)
+                size = max(size + 1, int(size * 1.08))
+            first_over = next((g for g in grid if not fits(g)), None)
+            if first_over is None:
+                budget_truth = largest_fitting
+            else:
+                below = max((g for g in grid if g < first_over), default=1)
+                budget_truth = bisect(fits, below, first_over) if fits(below) else 0
             _high_water_step(backend, work, budget_truth)  # warm for this shape
             step_s = _high_water_step(backend, work, budget_truth)[1]
-    return {"max_truth": max_truth, "budget_truth": budget_truth, "step_s_at_budget_truth": round(step_s, 3)}
+    return {
+        "max_truth": max_truth,
+        "budget_truth": budget_truth,
+        "largest_fitting": largest_fitting,
+        "step_s_at_budget_truth": round(step_s, 3),
+    }
 
 
 def ours(kind: str, shape, classes: int, limit: int, variant: str) -> dict:
     model = build(kind, classes)
     began = time.perf_counter()
     result = find_safe_batch_size(
-        model, input_shape=shape, num_classes=classes, device=backend_for(variant), memory_limit=limit,
-        headroom=HEADROOM, cache=False,
+        model,
+        input_shape=shape,
+        num_classes=classes,
+        device=backend_for(variant),
+        memory_limit=limit,
+        headroom=HEADROOM,
+        cache=False,
     )
     wall = time.perf_counter() - began
     chosen = next(t for t in result.trials if t.batch_size == result.batch_size and t.fits_budget)
@@ -166,20 +208,27 @@ def peers(kind: str, shape, limit: int, truth: dict) -> dict:
         row = run()
         row["wall_s"] = round(time.perf_counter() - began, 1)
         row["step_equivalents"] = round(row["wall_s"] / truth["step_s_at_budget_truth"], 1)
-        row["ratio_to_budget_truth"] = round(row["batch_size"] / truth["budget_truth"], 3) if row["batch_size"] else None
+        row["ratio_to_budget_truth"] = (
+            round(row["batch_size"] / truth["budget_truth"], 3) if row["batch_size"] else None
+        )
         rows[name] = row
     return rows
 
 
-def run(quick: bool, variants: list[str]) -> dict:
+def run(quick: bool, variants: list[str], keep: dict | None = None) -> dict:
     report = {
         "date": date.today().isoformat(),
         "command": COMMAND + (" --quick" if quick else "") + (" --all-variants" if len(variants) > 3 else ""),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "cases": [],
     }
+    kept = {(c["model"], c["variant"]): c for c in (keep or {}).get("cases", [])}
     for label, kind, shape, classes, limit in MODELS[:1] if quick else MODELS:
-        for variant in variants:
+        for variant in list(ALLOCATOR_VARIANTS) if keep else variants:
+            if keep and variant not in variants:
+                if (label, variant) in kept:
+                    report["cases"].append(kept[(label, variant)])
+                continue
             print(f"== {label} under {limit // MiB} MiB, allocator {variant}", flush=True)
             truth = truths(kind, shape, classes, limit, variant)
             mine = ours(kind, shape, classes, limit, variant)
@@ -213,7 +262,8 @@ def markdown(report: dict) -> str:
         "`mps_autobatch.simulate.AllocatorModel` (see `ALLOCATOR_VARIANTS`); truths are found on that variant from "
         "the simulation's true high-water mark. Step-eq.: our wall time over one step at the budget truth.",
         "",
-        "| model (limit) | allocator | budget / max truth | ours: sizes tried → answer (÷ budget truth) | trials "
+        "| model (limit) | allocator | budget / max truth (largest fitting, if larger) "
+        "| ours: sizes tried → answer (÷ budget truth) | trials "
         "| step-eq. | answer's peak MiB (budget) | follow-up: status, high-water ÷ limit | goals missed |",
         "|---|---|---|---|---:|---:|---|---|---|",
     ]
@@ -224,7 +274,9 @@ def markdown(report: dict) -> str:
         if o["step_equivalents"] > 4:
             missed.append("step-eq. <= 4")
         lines.append(
-            f"| {case['model']} ({case['limit_mib']} MiB) | {case['variant']} | {t['budget_truth']} / {t['max_truth']} "
+            f"| {case['model']} ({case['limit_mib']} MiB) | {case['variant']} | {t['budget_truth']} / {t['max_truth']}"
+            + (f" ({t['largest_fitting']})" if t.get("largest_fitting", t["budget_truth"]) > t["budget_truth"] else "")
+            + " "
             f"| {o['sizes']} → **{o['batch_size']}** ({o['ratio_to_budget_truth']}) | {o['trials']} "
             f"| {o['step_equivalents']} | {o['peak_of_answer_mib']} ({budget}) "
             f"| {o['follow_up']['status']}, {o['follow_up']['peak_fraction_of_limit']} | {', '.join(missed) or '-'} |"
@@ -255,6 +307,30 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(report: dict) -> str:
+    """The README's table: per model, for each variant, answer ÷ budget truth, trials, step-eq. and follow-up."""
+    variants = list(dict.fromkeys(c["variant"] for c in report["cases"]))
+    lines = [
+        "| model (limit) | " + " | ".join(variants) + " |",
+        "|---|" + "---|" * len(variants),
+    ]
+    for model in dict.fromkeys(c["model"] for c in report["cases"]):
+        cells = []
+        for variant in variants:
+            case = next((c for c in report["cases"] if (c["model"], c["variant"]) == (model, variant)), None)
+            if case is None:
+                cells.append("-")
+                continue
+            o = case["ours"]
+            cells.append(
+                f"**{o['batch_size']}** ({o['ratio_to_budget_truth']}), {o['trials']} tr., {o['step_equivalents']} "
+                f"s-eq., {o['follow_up']['status']} {o['follow_up']['peak_fraction_of_limit']}"
+            )
+        limit = next(c["limit_mib"] for c in report["cases"] if c["model"] == model)
+        lines.append(f"| {model} ({limit} MiB) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write(report: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "search_robustness.json").write_text(json.dumps(report, indent=2))
@@ -265,14 +341,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the first model")
     parser.add_argument("--all-variants", action="store_true", help="all five allocator variants, not three")
+    parser.add_argument("--variant", action="append", help="rerun only this variant, keeping the saved other cases")
+    parser.add_argument("--readme", action="store_true", help="print the README's table from the saved .json")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the saved .json")
     args = parser.parse_args()
+    if args.readme:
+        print(readme_table(json.loads((RESULTS / "search_robustness.json").read_text())))
+        return
     if args.markdown_only:
         write(json.loads((RESULTS / "search_robustness.json").read_text()))
         return
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    if args.variant:
+        saved = json.loads((RESULTS / "search_robustness.json").read_text())
+        report = run(args.quick, args.variant, keep=saved)
+        report["command"] = saved["command"] + "; then " + COMMAND + "".join(f" --variant {v}" for v in args.variant)
+        write(report)
+        print(markdown(report))
+        return
     print(markdown(run(args.quick, list(ALLOCATOR_VARIANTS) if args.all_variants else VARIANTS)))
 
 

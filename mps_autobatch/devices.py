@@ -200,9 +200,10 @@ class MemoryBackend(ABC):
         backward drains the queue. Reference cycles through the failed step's frames can still hold
         tensors: a full collection frees them. Then the cache is emptied.
         """
+        gc.collect()
+        self.clear_cache()  # first, so the drain's scalar has room
         leaf = torch.zeros((), device=self.device, requires_grad=True)
         (leaf * 1.0).backward()
-        gc.collect()
         self.clear_cache()
 
     def choose_amp(self, setting: str) -> str | None:

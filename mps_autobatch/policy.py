@@ -9,13 +9,17 @@ How it decides, in one paragraph (the README says the same):
     rounding, cache and its other allocations) and the tensor peak (live tensor bytes, which grow almost
     exactly linearly in the batch size). Tensor bytes get a straight line through the largest size measured
     and one at most half of it; the memory a step adds above rest is taken to grow in proportion to the
-    tensor bytes it adds, at the ratio measured at the trial nearest the budget (never less than 1:1). The
-    first trial is 2 samples and the second 8 times that; after that, each is 98.5 % of where the
-    prediction meets the budget, at most 8 times the largest fit. The search stops when the largest size that fits is at least 96 % of the
-    largest that could: the one under the smallest size that did not fit, or, once the prediction has
-    settled (it moved less than 4 % with the last trial, itself a fit), where it meets the budget. A fit
-    that cannot end the search is followed by the smallest size whose failure would end it; between a fit
-    and a failure, a size where either outcome ends the search is tried when there is one.
+    tensor bytes it adds, at the ratio measured at the largest size within the budget (never less than 1:1).
+    After a first trial at 2 samples that fits, the second is 8 times that; after that, each is 97 % of
+    where the prediction meets the budget, at most 8 times the largest fit. Between a fit and a failure it
+    is where the straight line between their peaks meets the budget (the prediction, if the failure ran out
+    of memory and has no peak), at least an eighth of the bracket in from either end, and the middle when
+    the prediction contradicts the failure or two tries did not halve the bracket. The search stops only when
+    the largest size that fits is at least 96 % of the largest that could (the one under the smallest size
+    that did not fit, at most ``max_batch_size``): an answer within 4 % of the best for any allocator whose
+    peak grows with the batch, whatever the prediction said. So a fit that cannot end the search is
+    followed by the smallest size whose failure would end it, and between a fit and a failure a size where
+    either outcome ends the search is tried when there is one.
 
 Phases are explicit: "budget" finds the recommendation; "limit" (only with ``find_max``) then brackets the
 largest size that runs, exactly, without moving the recommendation. Strategies are explicit too: "measure"
@@ -27,7 +31,7 @@ Example:
     >>> rest = Rest(peak=100 * MiB, tensors=80 * MiB)
     >>> points = [Point(2, True, 140 * MiB, 110 * MiB), Point(16, True, 280 * MiB, 180 * MiB)]
     >>> decide(points, rest, budget=800 * MiB, limit=1000 * MiB)
-    Decision(size=72, reason='98.5% of where the measurements meet the budget (73.8)')
+    Decision(size=71, reason='97% of where the measurements meet the budget (73.8)')
 """
 
 from __future__ import annotations
@@ -59,10 +63,10 @@ Phase = Literal["budget", "limit"]
 # The answer is within this fraction of the largest size that could still fit: one more step near the budget
 # costs about as much as the whole search so far.
 TOLERANCE = 0.04
-# Aim this far under the predicted crossing: a fit there can end the search at once, while a size over the
-# budget costs a step at the dearest sizes and another one after it. (Replayed on 10 recorded and 400 random
-# curves, 0.97, 0.985 and 1.0 traded answers for cost: benchmarks/search_replay.py.)
-AIM = 0.985
+# Aim this far under the predicted crossing: a fit there is followed by the one size whose failure ends the
+# search, while a size over the budget costs a step at the dearest sizes and more after it. (Replayed on 10
+# recorded and 400 random curves, 0.97, 0.985 and 1.0 traded answers for cost: benchmarks/search_replay.py.)
+AIM = 0.97
 # Never more than this factor above the largest size that fit: the tensor peak is the highest of the step's phases
 # (the optimizer step's at small sizes, backward's at large ones), so a line drawn at small sizes can be far off.
 MAX_GROWTH = 8
@@ -145,18 +149,16 @@ def _tensor_line(points: Sequence[Point], rest: Rest) -> tuple[float, float, boo
     return None
 
 
-def _anchor(points: Sequence[Point], target: int, near: float | None = None) -> Point | None:
-    """The trial whose overhead ratio predicts best near ``target``: of the largest unflushed one at or under
-    it and the smallest over it, the one nearer ``near`` (a size), else the one under."""
+def _anchor(points: Sequence[Point], target: int) -> Point | None:
+    """The trial whose overhead ratio predicts best near ``target``: the largest unflushed one at or under it,
+    else the smallest one over it."""
     measured = [p for p in _measured(points) if not p.flushed]
     under = [p for p in measured if p.peak <= target]  # type: ignore[operator]
     over = [p for p in measured if p.peak > target]  # type: ignore[operator]
-    if under and over and near is not None:
-        return min((under[-1], over[0]), key=lambda p: abs(p.size - near))
     return under[-1] if under else (over[0] if over else None)
 
 
-def fitted_line(points: Sequence[Point], rest: Rest, target: int, near: float | None = None) -> tuple[float, float] | None:
+def fitted_line(points: Sequence[Point], rest: Rest, target: int) -> tuple[float, float] | None:
     """The predicted peak as ``fixed + per_sample * size`` near ``target``, or None without two readings.
 
     Tensor bytes follow their line; the peak adds, on top of the reading at rest, the step's added tensor
@@ -169,7 +171,7 @@ def fitted_line(points: Sequence[Point], rest: Rest, target: int, near: float | 
         >>> round(fixed / MiB), round(per_sample / MiB, 2)
         (136, 9.0)
     """
-    line, anchor = _tensor_line(points, rest), _anchor(points, target, near)
+    line, anchor = _tensor_line(points, rest), _anchor(points, target)
     if line is None or anchor is None:
         return None
     fixed, slope, _ = line
@@ -183,37 +185,17 @@ def fitted_line(points: Sequence[Point], rest: Rest, target: int, near: float | 
 
 
 def _crossing(points: Sequence[Point], rest: Rest, target: int, lo: int, hi: int | None) -> float | None:
-    """Where the predicted peak meets ``target``, in samples, from the trial nearest to where the straight
-    line between the largest fit and the smallest failure meets it (when both have a reading)."""
+    """Where the peak meets ``target``, in samples: between a fit and a failure that both have a reading, where
+    the straight line between them meets it; else where the prediction does."""
     below = [p for p in _measured(points) if p.size == lo and not p.flushed]
     above = [p for p in _measured(points) if p.size == hi and not p.flushed]
-    near = None
     if below and above and above[0].peak > target >= below[0].peak:  # type: ignore[operator]
         (x1, y1), (x2, y2) = (below[0].size, below[0].peak), (above[0].size, above[0].peak)
-        near = x1 + (target - y1) * (x2 - x1) / (y2 - y1)  # type: ignore[operator]
-    line = fitted_line(points, rest, target, near)
+        return x1 + (target - y1) * (x2 - x1) / (y2 - y1)  # type: ignore[operator]
+    line = fitted_line(points, rest, target)
     if line is None or line[1] <= 0:
-        return near
+        return None
     return (target - line[0]) / line[1]
-
-
-def _predicted_ceiling(points: Sequence[Point], rest: Rest, budget: int) -> float | None:
-    """Where the prediction anchored at the largest fit meets ``budget``, once the prediction has settled:
-    the same within the tolerance before and after the last trial, itself that fit. None otherwise (and
-    while the only line is the one from rest): then only a failure above says where the search can stop."""
-    fits = lambda p: p.fits(budget)  # noqa: E731
-    lo, hi = _bracket(points, fits)
-    earlier = points[:-1]
-    if lo == 0 or points[-1].size != lo or not earlier:
-        return None
-    lines = [_tensor_line(earlier, rest), _tensor_line(points, rest)]
-    if any(line is None or line[2] for line in lines):
-        return None
-    before = _crossing(earlier, rest, budget, _bracket(earlier, fits)[0], None)
-    now = _crossing(points, rest, budget, lo, None)
-    if before is None or now is None or abs(before - now) > TOLERANCE * now:
-        return None
-    return now
 
 
 def _demand_crossing(points: Sequence[Point], rest: Rest, limit: int) -> float | None:
@@ -238,13 +220,11 @@ def _bracket(points: Sequence[Point], fits: Callable[[Point], bool]) -> tuple[in
     return lo, hi
 
 
-def stop_reason(
-    lo: int, hi: int | None, *, cap: int | None, exact: bool, trials: int, bound: float | None = None
-) -> str | None:
+def stop_reason(lo: int, hi: int | None, *, cap: int | None, exact: bool) -> str | None:
     """Why the search stops now, or None to go on: the whole stopping rule.
 
     ``lo`` is the largest size that fit below ``hi``, the smallest that did not (None: none failed yet), both
-    in units of ``multiple_of``; ``trials`` counts this phase's trials; ``exact`` is the limit phase (``find_max``).
+    in units of ``multiple_of``; ``exact`` is the limit phase (``find_max``) and crash-driven bisection.
 
     ============================================  ==============  =========================================
     case                                          budget phase    limit phase (exact)
@@ -258,9 +238,9 @@ def stop_reason(
     ============================================  ==============  =========================================
 
     Example:
-        >>> stop_reason(44, 46, cap=None, exact=False, trials=4)
+        >>> stop_reason(44, 46, cap=None, exact=False)
         'the largest size that fit (44) is within 4% of the largest that could (45)'
-        >>> stop_reason(44, 46, cap=None, exact=True, trials=4) is None
+        >>> stop_reason(44, 46, cap=None, exact=True) is None
         True
     """
     if hi is not None and hi - lo <= 1:
@@ -272,8 +252,6 @@ def stop_reason(
     if exact:
         return None
     ceiling = min(hi - 1 if hi is not None else math.inf, cap if cap is not None else math.inf)
-    if bound is not None and bound < ceiling:
-        ceiling = math.floor(bound)
     if lo >= (1 - TOLERANCE) * ceiling:
         return f"the largest size that fit ({lo}) is within {TOLERANCE:.0%} of the largest that could ({ceiling})"
     return None
@@ -305,18 +283,24 @@ def _next_for_budget(points: Sequence[Point], rest: Rest, budget: int, top: floa
     line = _tensor_line(points, rest)
     if crossing is None:
         size, why = (2 * lo, "no line yet: twice the largest fit") if hi is None else ((lo + hi) / 2, "no line: bisect")
-    elif line is not None and line[2]:
-        size, why = MAX_GROWTH * lo, f"{MAX_GROWTH} x the first: the line from rest says only that the budget is farther"
+    elif hi is None and line is not None and line[2]:
+        size, why = (
+            MAX_GROWTH * lo,
+            f"{MAX_GROWTH} x the first: the line from rest says only that the budget is farther",
+        )
     else:
-        aim = AIM if hi is None else 1.0  # between a fit and a failure the prediction is an interpolation
-        size, why = aim * crossing, f"{aim:.1%} of where the measurements meet the budget ({crossing:.1f})"
+        aim = AIM if hi is None else 1.0  # between a fit and a failure, no margin: either outcome narrows it
+        size, why = aim * crossing, f"{aim:.0%} of where the measurements meet the budget ({crossing:.1f})"
     if hi is not None and crossing is not None and crossing >= hi:
         size, why = (lo + hi) / 2, "the prediction contradicts a failure: bisect"
     if hi is not None and _halvings_stalled(points, fits):
         size, why = (lo + hi) / 2, "two interpolations did not halve the bracket: bisect"
+    if hi is not None:
+        # Interpolation converges from one side on a curve that bends: take at least an eighth of the bracket.
+        size = min(max(size, lo + (hi - lo) / 8), hi - (hi - lo) / 8)
     edge = math.floor(lo / (1 - TOLERANCE)) + 1  # a failure at or under it ends the search
     if hi is not None:
-        ending = math.ceil((1 - TOLERANCE) * (hi - 1))  # a fit at or over it ends the search
+        ending = math.ceil((1 - TOLERANCE) * top)  # a fit at or over it ends the search
         if ending <= min(edge, top):
             return Decision(_within(min(max(size, ending), edge), ending, top), why + "; either outcome ends it")
     if hi is None:
@@ -348,7 +332,7 @@ def _next_for_bisect(points: Sequence[Point], top: float) -> Decision:
     lo, hi = _bracket(points, lambda p: p.ran)
     if hi is None:
         return Decision(_within(2 * lo, lo + 1, top), "crash-driven: double until a size fails")
-    return Decision(_within((lo + hi) / 2, max(lo, 1), top), "crash-driven: halve the bracket")
+    return Decision(_within((lo + hi) / 2, lo + 1, top), "crash-driven: halve the bracket")
 
 
 def decide(
@@ -360,13 +344,11 @@ def decide(
     multiple_of: int = 1,
     cap: int | None = None,
     phase: Phase = "budget",
-    phase_start: int = 0,
     strategy: Strategy = "measure",
 ) -> Decision:
     """The next size to try after ``points`` (every trial so far, in order), or a stop, with the reason.
 
-    ``phase_start`` is the index of this phase's first trial (the limit phase follows the budget's). ``cap`` is
-    ``max_batch_size``; every size is a multiple of ``multiple_of``. With ``strategy="bisect"`` the readings
+    ``cap`` is ``max_batch_size``; every size is a multiple of ``multiple_of``. With ``strategy="bisect"`` the readings
     are ignored: double until a size fails, then halve the bracket to one size.
 
     Example:
@@ -379,16 +361,14 @@ def decide(
     m = multiple_of
     units = [Point(p.size // m, p.ran, p.peak, p.tensors, p.flushed) for p in points]
     cap_units = cap // m if cap is not None else None
-    this_phase = units[phase_start:]
     if strategy == "bisect":
         lo, hi = _bracket(units, lambda p: p.ran)
-        reason = stop_reason(lo, hi, cap=cap_units, exact=True, trials=len(this_phase))
+        reason = stop_reason(lo, hi, cap=cap_units, exact=True)
         decision = _next_for_bisect(units, cap_units if cap_units is not None else math.inf)
     else:
         fits = (lambda p: p.fits(budget)) if phase == "budget" else (lambda p: p.ran)
         lo, hi = _bracket(units, fits)
-        bound = _predicted_ceiling(units, rest, budget) if phase == "budget" else None
-        reason = stop_reason(lo, hi, cap=cap_units, exact=phase == "limit", trials=len(this_phase), bound=bound)
+        reason = stop_reason(lo, hi, cap=cap_units, exact=phase == "limit")
         top = min(hi - 1 if hi is not None else math.inf, cap_units if cap_units is not None else math.inf)
         if phase == "budget":
             decision = _next_for_budget(units, rest, budget, top)
@@ -396,7 +376,8 @@ def decide(
             decision = _next_for_limit(units, rest, limit, top)
     if reason is not None:
         return Decision(None, _in_samples(reason, m))
-    return Decision(decision.size * m, decision.reason)  # type: ignore[operator]
+    assert decision.size is not None
+    return Decision(decision.size * m, _in_samples(decision.reason, m))
 
 
 def _in_samples(reason: str, multiple_of: int) -> str:

@@ -79,7 +79,7 @@ def trials_table(result: ProbeResult) -> Table:
         share = "-" if trial.peak_bytes is None else f"{100 * trial.peak_bytes / result.limit_bytes:.1f}%"
         table.add_row(
             str(trial.batch_size),
-            _OUTCOME_LABELS[trial.outcome],
+            _OUTCOME_LABELS[trial.outcome] + (" (cache flushed)" if trial.flushed else ""),
             _gib(trial.peak_bytes),
             _gib(trial.allocated_bytes),
             share,
@@ -149,10 +149,10 @@ def summary_lines(result: ProbeResult) -> list[str]:
 def plot(result: ProbeResult, path: str | Path) -> Path:
     """Save a PNG of measured peak memory against batch size.
 
-    Successful trials are blue circles at their peak (grey squares at their tensor peak); failed trials are red crosses drawn at the
-    limit (an out-of-memory step has no peak to show). The fitted line is purple and dashed, the limit a
-    red line, the budget an orange dashed line, and the recommended size a green dotted vertical line
-    with a star where the fit (or its trial) puts its peak.
+    Successful trials are blue circles at their peak (grey squares at their tensor peak); failed trials are
+    red crosses drawn at the limit (an out-of-memory step has no peak to show). The fitted line is purple and
+    dashed, the limit a red line, the budget an orange dashed line, and the recommended size a green dotted
+    vertical line with a star where the fit (or its trial) puts its peak.
 
     Args:
         result: the probe to draw.

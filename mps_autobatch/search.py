@@ -150,7 +150,13 @@ class _Trials:
             peak = window.peak_bytes
             outcome: Outcome = "over_limit" if peak is not None and peak > self.limit else "ok"
             measured = Trial(
-                batch_size, outcome, peak, window.allocated_bytes, step_s, batch_size / step_s, False,
+                batch_size,
+                outcome,
+                peak,
+                window.allocated_bytes,
+                step_s,
+                batch_size / step_s,
+                False,
                 flushed=window.flushed,
             )
         agreed = distributed.agree_on_trial(measured, self.limit)
@@ -171,6 +177,26 @@ class _Trials:
                 raise
 
 
+def _ask(
+    trials: _Trials,
+    points: list[policy.Point],
+    phase: policy.Phase,
+    strategy: policy.Strategy,
+    multiple_of: int,
+    cap: int | None,
+) -> policy.Decision:
+    return policy.decide(
+        points,
+        trials.rest,
+        budget=trials.budget,
+        limit=trials.limit,
+        multiple_of=multiple_of,
+        cap=cap,
+        phase=phase,
+        strategy=strategy,
+    )
+
+
 def _decide_sizes(
     trials: _Trials, start: int, *, multiple_of: int, cap: int | None, find_max: bool
 ) -> tuple[policy.Strategy, str, int | None]:
@@ -178,7 +204,6 @@ def _decide_sizes(
     strategy: policy.Strategy = "measure"
     note, settled = "", None
     phase: policy.Phase = "budget"
-    phase_start = 0
     size: int | None = start
     while size is not None:
         trials.run(size)
@@ -187,16 +212,16 @@ def _decide_sizes(
             reason = policy.unreliable(points, trials.rest, trials.budget, trials.backend.name)
             if reason is not None:
                 strategy, note = "bisect", f"Fell back to crash-driven bisection: {reason}."
-        settings = dict(budget=trials.budget, limit=trials.limit, multiple_of=multiple_of, cap=cap)
-        decision = policy.decide(points, trials.rest, **settings, phase=phase, phase_start=phase_start, strategy=strategy)
+
+        decision = _ask(trials, points, phase, strategy, multiple_of, cap)
         if decision.size is None and strategy == "measure" and phase == "budget":
             settled = len(points)
             if find_max:
-                phase, phase_start = "limit", len(points)
-                decision = policy.decide(points, trials.rest, **settings, phase=phase, phase_start=phase_start)
+                phase = "limit"
+                decision = _ask(trials, points, phase, strategy, multiple_of, cap)
         # Under torchrun every rank runs the same sizes: rank 0 decides, from the agreed trials.
-        strategy, note, settled, phase, phase_start, size = distributed.from_rank_zero(
-            (strategy, note, settled, phase, phase_start, decision.size)
+        strategy, note, settled, phase, size = distributed.from_rank_zero(
+            (strategy, note, settled, phase, decision.size)
         )
     return strategy, note, settled
 
@@ -284,7 +309,7 @@ def search(
         headroom=headroom,
         fixed_bytes=int(line[0]) if line else None,
         per_sample_bytes=int(line[1]) if line else None,
-        strategy=strategy,  # type: ignore[arg-type]
+        strategy=strategy,
         note=note,
         steps_per_trial=steps_per_trial,
         requested=requested,

@@ -288,7 +288,10 @@ class SimulatedMPS:
         size = self._size_class(nbytes)
         buffer = None if self._over_limit(size) else self._reuse(size)
         if buffer is None:
-            if self._over_limit(size, self.allocator.flush_at) or self.driver_allocated_memory() + size > self.memory_bytes:
+            if (
+                self._over_limit(size, self.allocator.flush_at)
+                or self.driver_allocated_memory() + size > self.memory_bytes
+            ):
                 if self._cache:
                     self.flushes += 1
                 self.empty_cache()  # MPSAllocator releases its cached buffers before growing past the limit

@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 from mps_autobatch import find_safe_batch_size
-from mps_autobatch.simulate import ALLOCATOR_VARIANTS, AllocatorModel, SimulatedMPS, SimulatedMPSBackend, simulated_backend
+from mps_autobatch.simulate import (
+    ALLOCATOR_VARIANTS,
+    AllocatorModel,
+    SimulatedMPS,
+    SimulatedMPSBackend,
+    simulated_backend,
+)
 
 MiB = 2**20
 
@@ -94,7 +100,11 @@ def test_flush_at_90_percent_releases_the_cache_before_growing_past_it():
 def test_a_spec_names_the_variant_and_an_unknown_one_is_refused():
     assert simulated_backend("mps:8GiB:best-fit-2x").sim.allocator == ALLOCATOR_VARIANTS["best-fit-2x"]
     assert simulated_backend("mps:8GiB").sim.allocator == AllocatorModel()
-    with pytest.raises(ValueError, match=r"^Unknown allocator variant 'lru' in the simulation 'mps:8GiB:lru'. Use one of: default, best-fit-2x, pow2-heaps, graph-per-shape, flush-at-90.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^Unknown allocator variant 'lru' in the simulation 'mps:8GiB:lru'. Use one of: default, "
+        r"best-fit-2x, pow2-heaps, graph-per-shape, flush-at-90.$",
+    ):
         simulated_backend("mps:8GiB:lru")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import sys
 from pathlib import Path
@@ -80,6 +81,14 @@ def test_trials_table_rows(batch_size: int, cells: list[str]) -> None:
     lines = _render(RESULT)
 
     assert _cells(_row(lines, batch_size)) == cells
+
+
+def test_a_trial_whose_step_flushed_the_cache_says_so() -> None:
+    # 28 read 11.2 GiB, under the budget, but driver memory fell inside the step: the allocator flushed its cache.
+    flushed = Trial(28, "ok", int(11.2 * GIB), int(11.1 * GIB), 0.44, 63.6, False, flushed=True)
+    result = dataclasses.replace(RESULT, trials=(*TRIALS[:4], flushed))
+
+    assert _cells(_row(_render(result), 28))[:3] == ["28", "ok (cache flushed)", "11.20"]
 
 
 def test_trials_table_keeps_trial_order_and_right_aligns_numbers() -> None:

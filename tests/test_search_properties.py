@@ -11,7 +11,6 @@ import math
 import random
 from dataclasses import dataclass
 
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from memory_curves import Curve, CurveBackend, CurveWorkload

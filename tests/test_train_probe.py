@@ -44,8 +44,8 @@ def _agreement(events):
 @pytest.mark.parametrize(
     ("amp", "limit", "size", "updates"),
     [
-        ("off", "400MiB", 75, 5),
-        ("bf16", "300MiB", 86, 5),  # bf16 autocast runs on this CPU, as it would on a Mac's GPU
+        ("off", "400MiB", 74, 5),  # 75 and 86 before the policy module
+        ("bf16", "300MiB", 85, 5),  # bf16 autocast runs on this CPU, as it would on a Mac's GPU
     ],
 )
 def test_the_probe_reads_what_the_first_updates_peak_at(tmp_path, amp, limit, size, updates):
@@ -62,10 +62,10 @@ def test_the_probe_reads_what_the_first_updates_peak_at(tmp_path, amp, limit, si
 
 
 def test_the_probe_leaves_the_run_exactly_as_a_run_at_that_size(tmp_path):
-    # Weights, optimizer state and the random stream are restored: the run trains as if started at 75 directly.
+    # Weights, optimizer state and the random stream are restored: the run trains as if started at 74 directly.
     auto = train(_config(tmp_path, "auto", memory_limit="400MiB", batch_size="auto"), display=Display(quiet=True))
-    fixed = train(_config(tmp_path, "fixed", memory_limit="400MiB", batch_size=75), display=Display(quiet=True))
-    assert auto.micro_batch_size == fixed.micro_batch_size == 75
+    fixed = train(_config(tmp_path, "fixed", memory_limit="400MiB", batch_size=74), display=Display(quiet=True))
+    assert auto.micro_batch_size == fixed.micro_batch_size == 74
     a, b = load_checkpoint(tmp_path / "auto" / "last.pt"), load_checkpoint(tmp_path / "fixed" / "last.pt")
     for name, weight in a["model"].items():
         assert torch.equal(weight, b["model"][name]), name
