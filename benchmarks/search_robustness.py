@@ -85,64 +85,70 @@ def _high_water_step(backend: SimulatedMPSBackend, workload, size: int) -> tuple
     return backend.sim.high_water_bytes, time.perf_counter() - began
 
 
-def truths(kind: str, shape, classes: int, limit: int, variant: str) -> dict:
-    budget = int(limit * (1 - HEADROOM))
+def _fresh_high_water(kind: str, shape, classes: int, limit: int, variant: str, size: int) -> tuple[int | None, float]:
+    """One step at ``size`` on a fresh device after the same warm-up, as a new process would run it."""
     backend = backend_for(variant)
-    seen: dict[int, int | None] = {}
     with make_workload(build(kind, classes), device=backend.device, input_shape=shape, num_classes=classes) as work:
         with backend.session(limit):
             work.warm_up(2)
+            return _high_water_step(backend, work, size)
 
-            def high(size: int) -> int | None:
-                if size not in seen:
-                    seen[size] = fresh_high(size) if FRESH[variant] else _high_water_step(backend, work, size)[0]
-                return seen[size]
 
-            def fresh_high(size: int) -> int | None:
-                # Other allocations that grow with every shape seen make a reading depend on what ran before:
-                # each size is measured in a fresh device, after the same warm-up, as a new process would be.
-                other = backend_for(variant)
-                model = build(kind, classes)
-                with make_workload(model, device=other.device, input_shape=shape, num_classes=classes) as alone:
-                    with other.session(limit):
-                        alone.warm_up(2)
-                        return _high_water_step(other, alone, size)[0]
+def truths(kind: str, shape, classes: int, limit: int, variant: str) -> dict:
+    budget = int(limit * (1 - HEADROOM))
+    if FRESH[variant]:
+        # Other allocations that grow with every shape seen make a reading depend on what ran before: each
+        # size is measured on a fresh device, as a new process would run it.
+        return _search_truths(lambda size: _fresh_high_water(kind, shape, classes, limit, variant, size), budget)
+    backend = backend_for(variant)
+    with make_workload(build(kind, classes), device=backend.device, input_shape=shape, num_classes=classes) as work:
+        with backend.session(limit):
+            work.warm_up(2)
+            return _search_truths(lambda size: _high_water_step(backend, work, size), budget)
 
-            def bisect(ok, low: int, high_: int) -> int:
-                while high_ - low > 1:
-                    mid = (low + high_) // 2
-                    low, high_ = (mid, high_) if ok(mid) else (low, mid)
-                return low
 
-            ran = lambda s: high(s) is not None  # noqa: E731
-            low, top = 1, 16
-            while ran(top):
-                low, top = top, top * 2
-            max_truth = bisect(ran, low, top)
-            fits = lambda s: ran(s) and high(s) <= budget  # noqa: E731
-            under = max((s for s, h in seen.items() if h is not None and h <= budget), default=1)
-            over = min((s for s, h in seen.items() if s > under and (h is None or h > budget)), default=max_truth + 1)
-            largest_fitting = bisect(fits, under, over) if fits(under) else 0
-            # Peak memory need not rise with the batch (an allocator's reuse can make a larger batch fit where a
-            # smaller one did not): look for a size under the budget truth that does not fit, on an 8 % grid
-            # from a quarter of it, and take the truth under the first such size.
-            grid, size = [], max(1, largest_fitting // 4)
-            while size < largest_fitting:
-                grid.append(size)
-                size = max(size + 1, int(size * 1.08))
-            first_over = next((g for g in grid if not fits(g)), None)
-            if first_over is None:
-                budget_truth = largest_fitting
-            else:
-                below = max((g for g in grid if g < first_over), default=1)
-                budget_truth = bisect(fits, below, first_over) if fits(below) else 0
-            _high_water_step(backend, work, budget_truth)  # warm for this shape
-            step_s = _high_water_step(backend, work, budget_truth)[1]
+def _search_truths(step, budget: int) -> dict:
+    seen: dict[int, int | None] = {}
+
+    def high(size: int) -> int | None:
+        if size not in seen:
+            seen[size] = step(size)[0]
+        return seen[size]
+
+    def bisect(ok, low: int, high_: int) -> int:
+        while high_ - low > 1:
+            mid = (low + high_) // 2
+            low, high_ = (mid, high_) if ok(mid) else (low, mid)
+        return low
+
+    ran = lambda s: high(s) is not None  # noqa: E731
+    low, top = 1, 16
+    while ran(top):
+        low, top = top, top * 2
+    max_truth = bisect(ran, low, top)
+    fits = lambda s: ran(s) and high(s) <= budget  # noqa: E731
+    under = max((s for s, h in seen.items() if h is not None and h <= budget), default=1)
+    over = min((s for s, h in seen.items() if s > under and (h is None or h > budget)), default=max_truth + 1)
+    largest_fitting = bisect(fits, under, over) if fits(under) else 0
+    # Peak memory need not rise with the batch (an allocator's reuse can make a larger batch fit where a smaller
+    # one did not): look for a size under the budget truth that does not fit, on an 8 % grid from a quarter of
+    # it, and take the truth under the first such size.
+    grid, size = [], max(1, largest_fitting // 4)
+    while size < largest_fitting:
+        grid.append(size)
+        size = max(size + 1, int(size * 1.08))
+    first_over = next((g for g in grid if not fits(g)), None)
+    if first_over is None:
+        budget_truth = largest_fitting
+    else:
+        below = max((g for g in grid if g < first_over), default=1)
+        budget_truth = bisect(fits, below, first_over) if fits(below) else 0
+    step(budget_truth)  # warm for this shape
     return {
         "max_truth": max_truth,
         "budget_truth": budget_truth,
         "largest_fitting": largest_fitting,
-        "step_s_at_budget_truth": round(step_s, 3),
+        "step_s_at_budget_truth": round(step(budget_truth)[1], 3),
     }
 
 
@@ -168,6 +174,23 @@ def ours(kind: str, shape, classes: int, limit: int, variant: str) -> dict:
         "peak_of_answer_mib": round(chosen.peak_bytes / MiB, 1),
         "wall_s": round(wall, 2),
     }
+
+
+def before(revision: str) -> None:
+    """Ours with the search at ``revision`` (today's measurement) on every saved case: case["before"]."""
+    from benchmarks.search_replay import _load_search
+    from mps_autobatch import probe
+
+    saved = json.loads((RESULTS / "search_robustness.json").read_text())
+    probe.search = _load_search(revision).search  # type: ignore[attr-defined]
+    for case in saved["cases"]:
+        _, kind, shape, classes, limit = next(m for m in MODELS if m[0] == case["model"])
+        row = ours(kind, shape, classes, limit, case["variant"])
+        row["ratio_to_budget_truth"] = round(row["batch_size"] / case["truth"]["budget_truth"], 3)
+        row["step_equivalents"] = round(row["wall_s"] / case["truth"]["step_s_at_budget_truth"], 1)
+        case["before"] = {"revision": revision, **row}
+        print(f"   {case['model']} {case['variant']} before: {row}", flush=True)
+        write(saved)
 
 
 def follow_up(kind: str, shape, classes: int, limit: int, variant: str, size: int) -> dict:
@@ -254,6 +277,14 @@ def goals(case: dict) -> dict[str, bool]:
     }
 
 
+def _before_cell(case: dict) -> str:
+    b = case.get("before")
+    if b is None:
+        return "| -"
+    answer = f"{b['batch_size']} ({b['ratio_to_budget_truth']})"
+    return f"| at {b['revision']}: {b['sizes']} → {answer}, {b['step_equivalents']}"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# The search on simulated allocator variants ({report['date']})",
@@ -264,8 +295,9 @@ def markdown(report: dict) -> str:
         "",
         "| model (limit) | allocator | budget / max truth (largest fitting, if larger) "
         "| ours: sizes tried → answer (÷ budget truth) | trials "
-        "| step-eq. | answer's peak MiB (budget) | follow-up: status, high-water ÷ limit | goals missed |",
-        "|---|---|---|---|---:|---:|---|---|---|",
+        "| step-eq. | answer's peak MiB (budget) | follow-up: status, high-water ÷ limit | goals missed "
+        "| before (search at the revision named): sizes → answer (÷ truth), step-eq. |",
+        "|---|---|---|---|---:|---:|---|---|---|---|",
     ]
     for case in report["cases"]:
         t, o = case["truth"], case["ours"]
@@ -279,7 +311,9 @@ def markdown(report: dict) -> str:
             + " "
             f"| {o['sizes']} → **{o['batch_size']}** ({o['ratio_to_budget_truth']}) | {o['trials']} "
             f"| {o['step_equivalents']} | {o['peak_of_answer_mib']} ({budget}) "
-            f"| {o['follow_up']['status']}, {o['follow_up']['peak_fraction_of_limit']} | {', '.join(missed) or '-'} |"
+            f"| {o['follow_up']['status']}, {o['follow_up']['peak_fraction_of_limit']} | {', '.join(missed) or '-'} "
+            + _before_cell(case)
+            + " |"
         )
     equivalents = [c["ours"]["step_equivalents"] for c in report["cases"]]
     if equivalents:
@@ -342,9 +376,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="only the first model")
     parser.add_argument("--all-variants", action="store_true", help="all five allocator variants, not three")
     parser.add_argument("--variant", action="append", help="rerun only this variant, keeping the saved other cases")
+    parser.add_argument("--against", metavar="REV", help="add ours with the search at REV to the saved cases")
     parser.add_argument("--readme", action="store_true", help="print the README's table from the saved .json")
     parser.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the saved .json")
     args = parser.parse_args()
+    if args.against:
+        warnings.filterwarnings("ignore")
+        before(args.against)
+        return
     if args.readme:
         print(readme_table(json.loads((RESULTS / "search_robustness.json").read_text())))
         return
