@@ -385,9 +385,9 @@ def compute_only(
 
 def loader_only(settings: Settings, batch: int, pin_memory: bool) -> float:
     """Images/s of the trainer's own training loader alone (same dataset, transform, workers), nothing on the GPU."""
-    from mps_autobatch.train.data import load_splits, train_loader
     from mps_autobatch.train._setup import model_data_config
     from mps_autobatch.train.config import TrainConfig
+    from mps_autobatch.train.data import load_splits, train_loader
 
     config = TrainConfig(
         dataset="synthetic", model=settings.trainer_model, image_size=settings.trainer_size, workers=settings.workers
