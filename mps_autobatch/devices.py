@@ -202,8 +202,9 @@ class MemoryBackend(ABC):
         """
         gc.collect()
         self.clear_cache()  # first, so the drain's scalar has room
-        leaf = torch.zeros((), device=self.device, requires_grad=True)
-        (leaf * 1.0).backward()
+        with torch.inference_mode(False), torch.enable_grad():  # also when called from an evaluation loop
+            leaf = torch.zeros((), device=self.device, requires_grad=True)
+            (leaf * 1.0).backward()
         self.clear_cache()
 
     def choose_amp(self, setting: str) -> str | None:

@@ -52,6 +52,7 @@ __all__ = [
     "Strategy",
     "decide",
     "fitted_line",
+    "flat_span",
     "recommend",
     "stop_reason",
     "unreliable",
@@ -400,6 +401,28 @@ def recommend(points: Sequence[Point], budget: int) -> int | None:
     return lo or None
 
 
+_STEP_IGNORES_BATCH = (
+    "the measured peak did not grow with the batch size; the likely cause is a step that reuses a batch built "
+    "outside it (only what the step allocates is measured): create the batch inside step(batch_size)"
+)
+
+
+def flat_span(points: Sequence[Point]) -> tuple[int, int] | None:
+    """(smallest, largest) size of the steps that ran, when all of them read the same tensor peak to the byte.
+
+    A step that builds its batch allocates more at a larger size; identical tensor peaks at three or more sizes
+    are a step whose memory does not depend on its batch size (one that reuses a batch built outside it).
+
+    Example:
+        >>> flat_span([Point(2, True, 90, 60), Point(16, True, 90, 60), Point(128, True, 90, 60)])
+        (2, 128)
+    """
+    ran = [p for p in points if p.ran and p.tensors is not None]
+    if len(ran) < 3 or len({p.tensors for p in ran}) > 1:
+        return None
+    return min(p.size for p in ran), max(p.size for p in ran)
+
+
 def unreliable(points: Sequence[Point], rest: Rest, budget: int, device: str) -> str | None:
     """Why the counters cannot guide the search after the last of ``points``, or None when they can.
 
@@ -415,7 +438,10 @@ def unreliable(points: Sequence[Point], rest: Rest, budget: int, device: str) ->
     if last.ran and len(peaks) >= 2 and max(peaks) <= at_rest:  # type: ignore[type-var,operator]
         # Nothing the step does shows on this device's counter. Equal peaks at two sizes alone are not
         # enough: allocator size classes make peak memory flat over a range of sizes.
-        return "the measured peak did not grow with the batch size"
+        return _STEP_IGNORES_BATCH
+    span = flat_span(points)
+    if last.ran and span is not None and span[1] >= 64 * span[0]:
+        return _STEP_IGNORES_BATCH
     if not last.ran and last.peak is None:
         below = [p for p in points[:-1] if p.ran and p.size < last.size]
         line = fitted_line(below, rest, budget) if below else None

@@ -16,6 +16,7 @@ from torch import nn
 from . import distributed
 from ._units import parse_size
 from .devices import MemoryBackend, MemoryLimit, get_backend
+from .inputs import DEFAULT_MAX_SAMPLES, describe, worst_case
 from .results import ProbeResult, Trial
 from .search import search
 from .spec import ProbeSpec
@@ -56,18 +57,23 @@ def _optimizer_name(optimizer: OptimizerSpec | None) -> str:
 def _only_spec(spec: ProbeSpec, settings: ProbeSpec, optimizer: OptimizerSpec | None) -> ProbeSpec:
     """``spec``, refusing settings also given as keywords; an optimizer object names the spec's optimizer."""
     defaults = ProbeSpec(optimizer=settings.optimizer if not isinstance(optimizer, str) else "adamw")
-    clashes = [f.name for f in dataclasses.fields(ProbeSpec) if getattr(settings, f.name) != getattr(defaults, f.name)]
+    # The example itself travels as a keyword either way; the spec holds its description.
+    names = [f.name for f in dataclasses.fields(ProbeSpec) if f.name != "example"]
+    clashes = [name for name in names if getattr(settings, name) != getattr(defaults, name)]
     if clashes:
         raise TypeError(
             f"Pass the probe's settings either as spec= or as keyword arguments, not both: {', '.join(clashes)} "
             "given as keywords too. Put them in the spec."
         )
+    spec = dataclasses.replace(spec, example=settings.example) if settings.example is not None else spec
     if optimizer is None or isinstance(optimizer, str):
         return spec
     return dataclasses.replace(spec, optimizer=settings.optimizer)  # the optimizer that runs is what is cached
 
 
-def _check_cacheable(target: object, spec: ProbeSpec, loss_fn: object, optimizer: OptimizerSpec | None) -> None:
+def _check_cacheable(
+    target: object, spec: ProbeSpec, loss_fn: object, optimizer: OptimizerSpec | None, collate_fn: object
+) -> None:
     """Without a ``cache_key``, the key must hold everything that runs: refuse what it cannot name."""
     if not isinstance(target, (str, nn.Module)) and spec.model is None:
         raise ValueError(
@@ -75,8 +81,8 @@ def _check_cacheable(target: object, spec: ProbeSpec, loss_fn: object, optimizer
             "cache_key='my-bert-seq512'. Pass one, or leave the cache off."
         )
     factory = optimizer is not None and not isinstance(optimizer, (str, torch.optim.Optimizer))
-    if loss_fn is not None or factory:
-        what = "a loss_fn" if loss_fn is not None else "an optimizer factory"
+    if loss_fn is not None or factory or collate_fn is not None:
+        what = "a loss_fn" if loss_fn is not None else "an optimizer factory" if factory else "a collate_fn"
         raise ValueError(
             f"cache needs cache_key='...' with {what}: its code is not part of the cache key, so another one "
             "would get this answer. Pass a cache_key that names it, or leave the cache off."
@@ -100,8 +106,13 @@ def find_safe_batch_size(
     target: Target,
     *,
     input_shape: Sequence[int] | None = None,
+    example: Any = None,
+    dataset: Sequence[Any] | None = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    mode: Literal["train", "eval"] = "train",
     num_classes: int | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     optimizer: OptimizerSpec | None = None,
     amp: Literal["bf16", "fp16"] | None = None,
     channels_last: bool = False,
@@ -131,17 +142,30 @@ def find_safe_batch_size(
     and restores it afterwards.
 
     Args:
-        target: a timm model name (built without weights), an ``nn.Module`` (steps on synthetic batches of
-            ``input_shape``; its weights, buffers,
-            gradients and the RNG are put back afterwards), or a function ``step(batch_size)`` that runs
-            one full training step itself and creates its batch inside (only what is allocated inside the
-            probe is measured). A step function is called once at a tiny size first (uncounted, so the
-            optimizer state exists), then once per trial; it steps the real weights on its data, so
-            without ``model``/``optimizer`` they end the probe changed. After an out-of-memory error the
+        target: a timm model name (built without weights), an ``nn.Module`` (steps on batches of ``input_shape``
+            or of copies of ``example``; its weights, buffers, gradients and the RNG are put back afterwards), or a
+            function ``step(batch_size)`` that runs one full training step itself and creates its batch inside:
+            only what is allocated inside the step is measured, so a batch built once outside it and reused is
+            not, and the answer would be too large. A step function is called once at a tiny size first
+            (uncounted, so the optimizer state exists), then once per trial; it steps the real weights on its
+            data, so without ``model``/``optimizer`` they end the probe changed. After an out-of-memory error the
             gradients of the modules that ran and the optimizer state the failed step created are dropped.
-        input_shape: one sample's shape for a module, e.g. ``(3, 224, 224)``.
+        input_shape: one sample's shape for a module, e.g. ``(3, 224, 224)``: random images and synthetic targets.
+        example: one real sample, batched by stacking copies (torch's ``default_collate``, or ``collate_fn``):
+            a dict is fed as ``model(**batch)`` with the loss from ``loss_fn(output, batch)`` or the output's
+            ``.loss``/``["loss"]``; an ``(inputs, target)`` pair as ``model(inputs)`` (``model(*inputs)`` for a
+            tuple) with ``loss_fn(output, target)`` or cross-entropy; a tensor as ``model(x)`` with synthetic
+            targets. Instead of ``input_shape``.
+        dataset: a map-style dataset: the example is its worst case, the sample with the most values (e.g. the
+            longest sequence), over at most ``max_samples`` samples evenly spread; ``ProbeResult.example_index``
+            says which. An explicit ``example`` wins.
+        collate_fn: batches a list of copies of the example (e.g. a padding collator).
+        max_samples: how many samples of ``dataset`` are read at most to find the worst case (10,000).
+        mode: "train" sizes a training step; "eval" the forward alone under ``torch.inference_mode()`` with
+            ``model.eval()`` and no optimizer state: the evaluation/inference batch size.
         num_classes: classes for synthetic targets (default: the model's ``num_classes``).
-        loss_fn: ``loss_fn(output, target)``; default cross-entropy.
+        loss_fn: ``loss_fn(output, target)`` (``loss_fn(output, batch)`` for a dict example); default
+            cross-entropy, or the output's own loss for a dict.
         optimizer: for a module, "adamw" (default), "adam", "sgd", an optimizer over its parameters, or a
             factory; for a step function, the optimizer it steps, saved and restored bit for bit.
         amp: None, "bf16" or "fp16" autocast.
@@ -197,9 +221,34 @@ def find_safe_batch_size(
         ...                     device=simulated_backend("mps:16GiB"), memory_limit="1GiB") for _ in range(2))
         >>> first.cached, again.cached, again.batch_size == first.batch_size
         (False, True, True)
+
+        A text model's dict sample, in eval mode:
+
+        >>> class Classifier(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.embed, self.head = torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 2)
+        ...     def forward(self, input_ids, attention_mask):
+        ...         return self.head((self.embed(input_ids) * attention_mask[..., None]).mean(1))
+        >>> sample = {"input_ids": torch.zeros(128, dtype=torch.long), "attention_mask": torch.ones(128)}
+        >>> result = find_safe_batch_size(Classifier(), example=sample, mode="eval",
+        ...                               device=simulated_backend("mps:16GiB"), memory_limit="256MiB")
+        >>> result.mode, result.batch_size > 1000
+        ('eval', True)
     """
+    if isinstance(target, type):
+        raise TypeError(
+            f"target is the class {target.__name__}, not a model: pass an instance, e.g. {target.__name__}(...), "
+            "or a step(batch_size) function."
+        )
+    picked = None
+    if example is None and dataset is not None:
+        picked = worst_case(dataset, max_samples)
+        example = picked.example
     settings = ProbeSpec(
         input_shape=input_shape,  # type: ignore[arg-type]
+        example=describe(example) if example is not None else None,
+        mode=mode,
         num_classes=num_classes,
         optimizer=_optimizer_name(optimizer),
         amp=amp,
@@ -214,10 +263,10 @@ def find_safe_batch_size(
         objective=objective,
     )
     spec = settings if spec is None else _only_spec(spec, settings, optimizer)
-    if isinstance(target, str) and spec.input_shape is None:
+    if isinstance(target, str) and spec.input_shape is None and example is None:
         raise ValueError(f"input_shape is needed to probe {target!r}, e.g. input_shape=(3, 224, 224).")
     if cache and cache_key is None:
-        _check_cacheable(target, spec, loss_fn, optimizer)
+        _check_cacheable(target, spec, loss_fn, optimizer, collate_fn)
     spec = dataclasses.replace(spec, model=_identity(target, spec, cache_key))
     backend = get_backend(device)
     limit = _split_between_local_ranks(
@@ -234,11 +283,27 @@ def find_safe_batch_size(
         if hit is not None:
             return dataclasses.replace(hit, cached=True)
     if isolate:
+        if example is not None:
+            raise TypeError("isolate=True builds its batches from input_shape: pass input_shape, not example/dataset.")
         result = _isolated(target, spec, backend, on_trial, trial_timeout_s)
     else:
         result = _probe(
-            target, spec, backend, limit, loss_fn=loss_fn, optimizer=optimizer, model=model, on_trial=on_trial
+            target,
+            spec,
+            backend,
+            limit,
+            example=example,
+            collate_fn=collate_fn,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            model=model,
+            on_trial=on_trial,
         )
+    result = dataclasses.replace(result, mode=spec.mode)
+    if picked is not None:
+        note = f"{result.note} " if result.note else ""
+        note += f"{picked.describe().capitalize()}."
+        result = dataclasses.replace(result, example_index=picked.index, note=note)
     if key is not None and distributed.rank_and_world()[0] == 0:
         from . import cache as disk
 
@@ -252,7 +317,9 @@ def _probe(
     backend: MemoryBackend,
     limit: MemoryLimit,
     *,
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None,
+    example: Any,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None,
     optimizer: OptimizerSpec | None,
     model: nn.Module | None,
     on_trial: Callable[[Trial], None] | None,
@@ -268,6 +335,9 @@ def _probe(
         target,
         device=backend.device,
         input_shape=spec.input_shape,
+        example=example,
+        collate_fn=collate_fn,
+        mode=spec.mode,
         num_classes=spec.num_classes,
         loss_fn=loss_fn,
         optimizer=runs,

@@ -75,6 +75,8 @@ class ProbeResult:
         memory_batch_size: the memory objective's answer, whatever the objective.
         throughput: for the throughput objective, (batch size, samples/s) of each size timed.
         cached: the answer came from the probe cache (``cache=True``) rather than from trials run now.
+        mode: "train" (the answer is the training micro-batch) or "eval" (the evaluation/inference batch).
+        example_index: with ``dataset=``, the index of the worst-case sample the batches were built from.
     """
 
     batch_size: int
@@ -97,6 +99,8 @@ class ProbeResult:
     memory_batch_size: int | None = None
     throughput: tuple[tuple[int, float], ...] = ()
     cached: bool = False
+    mode: Literal["train", "eval"] = "train"
+    example_index: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON.

@@ -21,7 +21,7 @@ from . import distributed, policy
 from ._units import format_bytes
 from .accumulation import plan_accumulation
 from .devices import MemoryBackend, MemoryLimit
-from .errors import NoBatchSizeFits, first_line, mark_failed_step
+from .errors import AutobatchError, NoBatchSizeFits, first_line, mark_failed_step
 from .oom import is_oom_error
 from .results import Outcome, ProbeResult, Trial
 from .throughput import knee, time_steps
@@ -33,6 +33,8 @@ __all__ = ["first_batch_size", "search"]
 _SMALL_START = 2
 # The seed's 20%-reduction rule: start at 80% of what the user asked for.
 _REDUCTION = 0.8
+# A step whose tensors read the same over this factor of sizes does not use its batch size: no doubling ends.
+_NO_DEPENDENCE = 1024
 
 
 def first_batch_size(requested: int | None, multiple_of: int = 1, max_batch_size: int | None = None) -> int:
@@ -214,6 +216,13 @@ def _decide_sizes(
                 strategy, note = "bisect", f"Fell back to crash-driven bisection: {reason}."
 
         decision = _ask(trials, points, phase, strategy, multiple_of, cap)
+        span = policy.flat_span(points)
+        if decision.size is not None and span is not None and span[1] >= _NO_DEPENDENCE * span[0]:
+            raise AutobatchError(
+                f"The step's memory did not change from batch size {span[0]} to {span[1]} "
+                f"({format_bytes(points[-1].tensors or 0)} of tensors at each): it does not build its batch from "
+                "batch_size, so no size can be measured. Create the batch inside step(batch_size)."
+            )
         if decision.size is None and strategy == "measure" and phase == "budget":
             settled = len(points)
             if find_max:

@@ -27,6 +27,7 @@ OPTIMIZER_NAMES = ("adamw", "adam", "sgd")
 
 _AMP = ("bf16", "fp16")
 _OBJECTIVES = ("memory", "throughput")
+_MODES = ("train", "eval")
 
 
 def _check_positive(name: str, value: object, fix: str) -> None:
@@ -62,6 +63,9 @@ class ProbeSpec:
         model: what is probed, by name: a timm model name, a module's architecture fingerprint, or a step
             function's ``cache_key``; None when unnamed (nothing is cached then).
         input_shape: one sample's shape, e.g. ``(3, 224, 224)``, for a module or a timm name.
+        example: instead of ``input_shape``, the structure, dtypes and shapes of the one sample batched
+            (`mps_autobatch.inputs.describe`), e.g. ``"{input_ids: int64[512], labels: int64[]}"``.
+        mode: "train" (a training step) or "eval" (the forward alone, under inference mode).
         num_classes: classes of the synthetic targets (default: the model's own).
         optimizer: "adamw", "adam" or "sgd", or ``"custom:<class>"`` for an optimizer object or factory.
         amp: None, "bf16" or "fp16" autocast.
@@ -78,6 +82,8 @@ class ProbeSpec:
 
     model: str | None = None
     input_shape: tuple[int, ...] | None = None
+    example: str | None = None
+    mode: Literal["train", "eval"] = "train"
     num_classes: int | None = None
     optimizer: str = "adamw"
     amp: Literal["bf16", "fp16"] | None = None
@@ -112,6 +118,12 @@ class ProbeSpec:
             raise ValueError(
                 f"max_batch_size {self.max_batch_size} is below multiple_of {self.multiple_of}: no size is allowed. "
                 "Raise max_batch_size or lower multiple_of."
+            )
+        if self.input_shape is not None and self.example is not None:
+            raise ValueError("Pass input_shape or example, not both: example= already gives one sample's shape.")
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"Unknown mode {self.mode!r}. Use 'train' (a training step) or 'eval' (the forward alone)."
             )
         if self.objective not in _OBJECTIVES:
             raise ValueError(f"Unknown objective {self.objective!r}. Use 'memory' or 'throughput'.")

@@ -20,7 +20,7 @@ Example:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,7 +29,19 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["AMP_DTYPES", "Amp", "Rewind", "TrainingStep", "autocast", "fork_rng", "rng_state", "set_rng_state"]
+from .inputs import call_model, loss_of, to_device
+
+__all__ = [
+    "AMP_DTYPES",
+    "Amp",
+    "Rewind",
+    "TrainingStep",
+    "autocast",
+    "evaluation_output",
+    "fork_rng",
+    "rng_state",
+    "set_rng_state",
+]
 
 Amp = Literal["bf16", "fp16"]
 
@@ -50,12 +62,16 @@ def autocast(device: torch.device, amp: str | None) -> AbstractContextManager[An
 
 @dataclass
 class TrainingStep:
-    """One training step of ``model``: ``step(inputs, targets)``, or its pieces for gradient accumulation.
+    """One training step of ``model``: ``step(inputs, targets)`` or ``step(batch)``, or its pieces for accumulation.
+
+    ``inputs`` reach the model by `mps_autobatch.inputs.call_model` (``model(*inputs)`` for a tuple); a dict
+    batch with no targets is ``model(**batch)``, its loss ``loss_fn(output, batch)`` or the output's ``.loss``.
 
     Args:
         model: what the forward runs (the module itself, or its DistributedDataParallel wrapper).
         optimizer: stepped once per update.
-        loss_fn: ``loss_fn(output, targets)``.
+        loss_fn: ``loss_fn(output, targets)`` (``loss_fn(output, batch)`` for a dict batch); None for
+            cross-entropy, or the output's own loss for a dict batch.
         amp: None, "bf16" or "fp16" autocast.
         scaler: a GradScaler for fp16, or None.
         channels_last: feed image batches (4-D) in the channels-last memory format.
@@ -64,19 +80,23 @@ class TrainingStep:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None
     amp: str | None = None
     scaler: torch.amp.GradScaler | None = None
     channels_last: bool = False
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The forward and the loss of one (micro-)batch, under autocast."""
-        inputs = inputs.to(self.device, non_blocking=True)
-        if self.channels_last and inputs.dim() == 4:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+    def loss(self, inputs: Any, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """The forward and the loss of one (micro-)batch, under autocast; ``targets`` None for a dict batch."""
+        inputs = _on_device(inputs, self.device, self.channels_last)
         with autocast(self.device, self.amp):
-            return self.loss_fn(self.model(inputs), targets.to(self.device, non_blocking=True))
+            output = call_model(self.model, inputs)
+            if targets is None and isinstance(inputs, Mapping):
+                return loss_of(output, inputs, self.loss_fn)
+            if targets is None:
+                raise TypeError("TrainingStep.loss needs targets unless the batch is a dict that holds them.")
+            loss_fn = self.loss_fn if self.loss_fn is not None else nn.functional.cross_entropy
+            return loss_fn(output, targets.to(self.device, non_blocking=True))
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward through ``loss``, scaled when a GradScaler is in use."""
@@ -92,12 +112,35 @@ class TrainingStep:
         # Free the gradients' memory before the next forward.
         self.optimizer.zero_grad(set_to_none=True)
 
-    def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, inputs: Any, targets: torch.Tensor | None = None) -> torch.Tensor:
         """A whole step on one batch; returns the loss, detached."""
         loss = self.loss(inputs, targets)
         self.backward(loss)
         self.update()
         return loss.detach()
+
+
+def _on_device(inputs: Any, device: torch.device, channels_last: bool) -> Any:
+    inputs = to_device(inputs, device)
+    if channels_last and isinstance(inputs, torch.Tensor) and inputs.dim() == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def evaluation_output(
+    model: nn.Module, inputs: Any, *, device: torch.device, amp: str | None = None, channels_last: bool = False
+) -> Any:
+    """The forward of one evaluation batch: moved to ``device``, under autocast and ``torch.inference_mode``.
+
+    What the eval probe measures and what the trainer's evaluation runs; the caller puts the model in eval mode.
+
+    Example:
+        >>> out = evaluation_output(nn.Linear(4, 2).eval(), torch.ones(3, 4), device=torch.device("cpu"))
+        >>> tuple(out.shape), out.requires_grad
+        ((3, 2), False)
+    """
+    with torch.inference_mode(), autocast(device, amp):
+        return call_model(model, _on_device(inputs, device, channels_last))
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

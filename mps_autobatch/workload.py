@@ -1,9 +1,11 @@
 """Turn what the user has into the `Workload` the search runs: a model, or a step function.
 
-For a model, each step is a `mps_autobatch.step.TrainingStep` on a synthetic batch of the given input
-shape, with the user's AMP and memory-format settings. The model's parameters, buffers, gradients, the
-optimizer's state and the RNG are saved to host memory first (never a second copy on the device, which
-would distort what is measured) and put back bit for bit afterwards, whatever happens.
+For a model, each step is a `mps_autobatch.step.TrainingStep` on a batch built inside the step: random
+values of the given input shape, or copies of one example (`mps_autobatch.inputs`), with the user's AMP and
+memory-format settings; in eval mode it is `mps_autobatch.step.evaluation_output`, the forward alone.
+The model's parameters, buffers, gradients, the optimizer's state and the RNG are saved to host memory first
+(never a second copy on the device, which would distort what is measured)
+and put back bit for bit afterwards, whatever happens.
 
 For a step function, the probe sees which modules ran and which optimizers stepped while a step ran
 (global module and optimizer hooks), so a step that runs out of memory leaves nothing behind: the
@@ -17,7 +19,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -25,7 +27,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_map
 
-from .step import Amp, Rewind, TrainingStep, fork_rng
+from . import inputs as batches
+from .step import Amp, Rewind, TrainingStep, evaluation_output, fork_rng
 
 __all__ = ["OPTIMIZERS", "CallableWorkload", "ModuleWorkload", "OptimizerSpec", "Workload", "make_workload"]
 
@@ -177,48 +180,66 @@ class CallableWorkload:
 
 
 class ModuleWorkload:
-    """Training steps of ``model`` on synthetic batches, on ``device``; a context manager that restores.
+    """Steps of ``model`` on batches it builds itself, on ``device``; a context manager that restores.
 
     Args:
         model: the module; moved to ``device`` while probing and back afterwards.
-        input_shape: the shape of one sample, e.g. ``(3, 224, 224)``.
-        num_classes: classes for the synthetic targets (default: ``model.num_classes``, as timm sets it).
-        loss_fn: ``loss_fn(output, target)``; default cross-entropy.
+        input_shape: the shape of one sample, e.g. ``(3, 224, 224)``: random batches of it with synthetic targets.
+        example: instead of ``input_shape``, one real sample (a tensor, an ``(inputs, target)`` pair or a dict),
+            batched by stacking copies (`mps_autobatch.inputs`).
+        collate_fn: batches copies of ``example`` instead of torch's ``default_collate``.
+        num_classes: classes for synthetic targets (default: ``model.num_classes``, as timm sets it).
+        loss_fn: ``loss_fn(output, target)`` (``loss_fn(output, batch)`` for a dict); default cross-entropy, or
+            the output's ``.loss`` for a dict.
         optimizer: a name from `OPTIMIZERS`, an optimizer over the model's parameters, or a factory.
         amp: None, "bf16" or "fp16".
         channels_last: use the channels-last memory format for the model and the batch.
         device: where the steps run.
         grad_scaler: whether fp16 steps go through a GradScaler (the backend says; CUDA only).
+        mode: "train" (forward, backward, optimizer) or "eval" (the forward alone, in eval and inference mode,
+            no optimizer state).
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        input_shape: Sequence[int],
-        num_classes: int | None,
-        loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None,
-        optimizer: OptimizerSpec,
-        amp: Amp | None,
-        channels_last: bool,
+        input_shape: Sequence[int] | None = None,
+        example: Any = None,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        num_classes: int | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+        optimizer: OptimizerSpec = "adamw",
+        amp: Amp | None = None,
+        channels_last: bool = False,
         device: torch.device,
         grad_scaler: bool = False,
+        mode: Literal["train", "eval"] = "train",
     ) -> None:
+        if (input_shape is None) == (example is None):
+            raise ValueError(
+                "A model needs input_shape=(...) for random batches or example= with one real sample: pass one."
+            )
         self.model = model
-        self.input_shape = tuple(input_shape)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.example, self.collate_fn = example, collate_fn
+        self.kind: batches.Kind = "tensor" if example is None else batches.kind_of(example)
+        self.mode = mode
         self.num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
-        if not isinstance(self.num_classes, int) or self.num_classes < 1:
+        needs_classes = self.kind == "tensor" and mode == "train"
+        if needs_classes and (not isinstance(self.num_classes, int) or self.num_classes < 1):
             raise ValueError(
                 "num_classes is needed for synthetic targets and the model has no num_classes attribute. "
                 "Pass num_classes=..."
             )
-        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.loss_fn = loss_fn
         self.optimizer_spec = optimizer
         self.amp = amp
-        self.channels_last = channels_last and len(self.input_shape) == 3
+        self.channels_last = channels_last and (self.input_shape is None or len(self.input_shape) == 3)
         self.device = device
         self.grad_scaler = grad_scaler and amp == "fp16"
         self.training_step: TrainingStep | None = None
+        self._entered = False
         self._restore = ExitStack()
         self._rewind: Rewind | None = None
 
@@ -231,8 +252,11 @@ class ModuleWorkload:
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        model.train()
+        model.train(self.mode == "train")
         self._rewind = Rewind(model, self.device)
+        self._entered = True
+        if self.mode == "eval":
+            return self  # no optimizer: evaluation keeps no state
         self.training_step = TrainingStep(
             model,
             _make_optimizer(self.optimizer_spec, model),
@@ -247,7 +271,7 @@ class ModuleWorkload:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.training_step = None
+        self.training_step, self._entered = None, False
         self._restore.close()
 
     def _put_back(self, snapshot: _Snapshot) -> None:
@@ -261,11 +285,28 @@ class ModuleWorkload:
         self.step(batch_size)
 
     def step(self, batch_size: int) -> None:
-        if self.training_step is None:
+        if not self._entered:
             raise RuntimeError("ModuleWorkload.step() needs the workload entered: use `with workload: ...`.")
-        inputs = torch.randn(batch_size, *self.input_shape, device=self.device)
-        targets = torch.randint(self.num_classes, (batch_size,), device=self.device)  # type: ignore[arg-type]
-        self.training_step(inputs, targets)
+        inputs, targets = self._batch(batch_size)
+        if self.training_step is None:
+            evaluation_output(self.model, inputs, device=self.device, amp=self.amp, channels_last=self.channels_last)
+        else:
+            self.training_step(inputs, targets)
+
+    def _batch(self, batch_size: int) -> tuple[Any, torch.Tensor | None]:
+        """(inputs, targets) built here, inside the measured step; targets None for a dict (it holds them)."""
+        if self.kind == "dict":
+            return batches.batch_of(self.example, batch_size, self.collate_fn), None
+        if self.kind == "pair":
+            inputs, targets = batches.batch_of(self.example, batch_size, self.collate_fn)
+            return inputs, targets
+        if self.input_shape is not None:
+            inputs = torch.randn(batch_size, *self.input_shape, device=self.device)
+        else:
+            inputs = batches.batch_of(self.example, batch_size, self.collate_fn)
+        if self.mode == "eval":
+            return inputs, None
+        return inputs, torch.randint(self.num_classes, (batch_size,), device=self.device)  # type: ignore[arg-type]
 
     def recover(self) -> None:
         """After a failed step: drop partial gradients and put BatchNorm's running statistics back."""
@@ -293,26 +334,45 @@ def make_workload(
     *,
     device: torch.device,
     input_shape: Sequence[int] | None = None,
+    example: Any = None,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
     num_classes: int | None = None,
-    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     optimizer: OptimizerSpec | None = None,
     amp: Amp | None = None,
     channels_last: bool = False,
     grad_scaler: bool = False,
     model: nn.Module | None = None,
+    mode: Literal["train", "eval"] = "train",
 ) -> ModuleWorkload | CallableWorkload:
     """A workload for a module (checked first: a module is callable too) or a step function.
 
-    For a step function, ``model`` and ``optimizer`` (an optimizer instance) are saved and restored.
+    For a module, what is wrong with it and its input is said before any step (`inputs.check_model_input`). For
+    a step function, ``model`` and ``optimizer`` (an optimizer instance) are saved and restored.
     """
+    if isinstance(target, type):
+        raise TypeError(
+            f"target is the class {target.__name__}, not a model: pass an instance, e.g. {target.__name__}(...), "
+            "or a step(batch_size) function."
+        )
     if isinstance(target, nn.Module):
-        if input_shape is None:
+        if input_shape is None and example is None:
             raise ValueError(
-                "input_shape is needed to build synthetic batches for a model, e.g. input_shape=(3, 224, 224)."
+                "input_shape or example is needed to build batches for a model: e.g. input_shape=(3, 224, 224), "
+                "or example= with one real sample."
             )
+        kind = "tensor" if example is None else batches.kind_of(example)
+        if kind == "tensor":
+            model_inputs: Any = object()  # one positional input
+        else:  # what the forward will receive: a batch of one, through the collate function
+            one = batches.batch_of(example, 1, collate_fn)
+            model_inputs = one if kind == "dict" else one[0]
+        batches.check_model_input(target, model_inputs, from_shape=input_shape)
         return ModuleWorkload(
             target,
             input_shape=input_shape,
+            example=example,
+            collate_fn=collate_fn,
             num_classes=num_classes,
             loss_fn=loss_fn,
             optimizer=optimizer if optimizer is not None else "adamw",
@@ -320,6 +380,7 @@ def make_workload(
             channels_last=channels_last,
             device=device,
             grad_scaler=grad_scaler,
+            mode=mode,
         )
     if callable(target):
         if model is not None and not isinstance(model, nn.Module):
