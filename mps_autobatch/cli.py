@@ -96,6 +96,12 @@ def probe(
     channels_last: Annotated[bool, typer.Option(help="Use the channels-last memory format.")] = False,
     steps_per_trial: Annotated[int, typer.Option(help="Training steps per probe.")] = 1,
     find_max: Annotated[bool, typer.Option(help="Also find the exact largest size that runs at all.")] = False,
+    evaluation: Annotated[
+        bool,
+        typer.Option(
+            "--eval", help="Size evaluation/inference: the forward alone, in eval and inference mode, no optimizer."
+        ),
+    ] = False,
     objective: Annotated[
         str, typer.Option(help="memory: the largest size that fits; throughput: the knee of samples/s.")
     ] = "memory",
@@ -147,6 +153,7 @@ def probe(
                 steps_per_trial=steps_per_trial,
                 find_max=find_max,
                 objective=objective,  # type: ignore[arg-type]
+                mode="eval" if evaluation else "train",
             )
         from .devices import get_backend
         from .probe import find_safe_batch_size

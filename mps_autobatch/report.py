@@ -116,8 +116,9 @@ def summary_lines(result: ProbeResult) -> list[str]:
         Requested batch 32: 16 x 2 (micro-batch x accumulation steps)
         Probe time: 12.5 s (0 trials of 1 step each)
     """
+    what = "evaluation batch size (forward only)" if result.mode == "eval" else "batch size"
     lines = [
-        f"Recommended batch size: {result.batch_size}",
+        f"Recommended {what}: {result.batch_size}",
         f"Max verified batch size: {result.max_batch_size}",
         f"Memory limit: {result.limit_bytes / _GIB:.2f} GiB ({result.limit_source})",
         f"Budget: {result.budget_bytes / _GIB:.2f} GiB (limit minus {result.headroom:.0%} headroom)",

@@ -24,6 +24,16 @@ def test_probe_json_on_the_simulated_mac():
     assert data["strategy"] == "measure"
 
 
+def test_probe_eval_sizes_the_forward_alone_and_is_cached_apart_from_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOBATCH_CACHE_DIR", str(tmp_path))
+    args = ["probe", *TINY, "--simulate", "mps:16GiB", "--memory-limit", "256MiB", "--json"]
+    train, evaluation = (json.loads(runner.invoke(app, args + extra).stdout) for extra in ([], ["--eval"]))
+    assert (train["mode"], train["batch_size"], train["cached"]) == ("train", 331, False)
+    assert (evaluation["mode"], evaluation["batch_size"], evaluation["cached"]) == ("eval", 1399, False)
+    text = runner.invoke(app, ["probe", *TINY, "--simulate", "mps:16GiB", "--memory-limit", "256MiB", "--eval"])
+    assert text.stdout.strip() == "1399" and "Recommended evaluation batch size (forward only): 1399" in text.stderr
+
+
 def test_probe_prints_the_size_on_stdout_and_the_table_on_stderr():
     result = runner.invoke(app, ["probe", *TINY, "--device", "cpu", "--memory-limit", "2GiB", "--max-batch-size", "16"])
     assert result.exit_code == 0, result.output
