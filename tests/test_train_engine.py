@@ -311,6 +311,8 @@ def test_evaluate_and_predict_a_trained_checkpoint(digits_run, cli_app):
         (["--batch-size", "0"], "Error: --batch-size must be an integer >= 1, got 0."),
         (["--batch-size", "lots"], "Error: --batch-size must be a positive integer or auto, got 'lots'."),
         (["--epochs", "0"], "Error: --epochs must be an integer >= 1, got 0."),
+        (["--eval-batch-size", "0"], "Error: --eval-batch-size must be an integer >= 1, got 0."),
+        (["--eval-batch-size", "big"], "Error: --eval-batch-size must be a positive integer or auto, got 'big'."),
         (
             ["--model", "efficientnet_bo"],
             "Error: Unknown timm model 'efficientnet_bo'. Did you mean 'efficientnet_b0'?",

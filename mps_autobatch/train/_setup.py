@@ -21,6 +21,7 @@ from .config import TrainConfig
 __all__ = [
     "WeightsUnavailable",
     "choose_batch_sizes",
+    "probe_event",
     "create_model",
     "lr_at",
     "make_optimizer",
@@ -108,6 +109,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def probe_event(probe: ProbeResult, name: str = "probe") -> dict[str, Any]:
+    """A probe's answer as a run's event: the size, the largest verified, the limit, and its trial's peak."""
+    size = probe.batch_size
+    event = {"event": name, "batch_size": size, "max_batch_size": probe.max_batch_size}
+    event |= {"limit_bytes": probe.limit_bytes, "device": probe.device, "strategy": probe.strategy}
+    event |= {"cached": probe.cached}
+    event |= {"peak_bytes": next((t.peak_bytes for t in probe.trials if t.batch_size == size), None)}
+    return event
+
+
 def choose_batch_sizes(
     config: TrainConfig, probe: ProbeResult | None, n_train: int
 ) -> tuple[int, int, dict[str, Any] | None]:
@@ -115,10 +126,7 @@ def choose_batch_sizes(
     event = None
     if probe is not None:
         safe = probe.batch_size
-        event = {"event": "probe", "batch_size": safe, "max_batch_size": probe.max_batch_size}
-        event |= {"limit_bytes": probe.limit_bytes, "device": probe.device, "strategy": probe.strategy}
-        event |= {"cached": probe.cached}
-        event |= {"peak_bytes": next((t.peak_bytes for t in probe.trials if t.batch_size == safe), None)}
+        event = probe_event(probe)
     else:
         assert config.batch_size != "auto"
         safe = config.batch_size

@@ -69,6 +69,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "images_per_s",
     "epoch_s",
     "micro_batch_size",
+    "eval_batch_size",
     "accumulation_steps",
     "effective_batch_size",
     "oom_retries",

@@ -69,13 +69,13 @@ def _check_device_and_limit(config: Any) -> None:
     backend.limit(parse_size(config.memory_limit) if config.memory_limit is not None else None)
 
 
-def _batch_size(text: str) -> int | Literal["auto"]:
+def _batch_size(text: str, flag: str = "--batch-size") -> int | Literal["auto"]:
     if text == "auto":
         return "auto"
     try:
         return int(text)
     except ValueError:
-        raise _cli._BadInput(f"--batch-size must be a positive integer or auto, got {text!r}.") from None
+        raise _cli._BadInput(f"{flag} must be a positive integer or auto, got {text!r}.") from None
 
 
 def train_command(
@@ -97,6 +97,13 @@ def train_command(
     ] = "auto",
     effective_batch_size: Annotated[
         int | None, typer.Option(help="Samples per optimizer update, kept with gradient accumulation.")
+    ] = None,
+    eval_batch_size: Annotated[
+        str | None,
+        typer.Option(
+            help="Images per evaluation batch, or auto to probe the evaluation forward (default: auto with "
+            "--batch-size auto, else the micro-batch)."
+        ),
     ] = None,
     optimizer: Annotated[str, typer.Option(help="adamw or sgd.")] = "adamw",
     lr: Annotated[float | None, typer.Option(help="Peak learning rate (default 1e-3 AdamW, 0.05 SGD).")] = None,
@@ -150,6 +157,7 @@ def train_command(
             epochs=epochs,
             batch_size=_batch_size(batch_size),
             effective_batch_size=effective_batch_size,
+            eval_batch_size=_batch_size(eval_batch_size, "--eval-batch-size") if eval_batch_size is not None else None,
             optimizer=optimizer,  # type: ignore[arg-type]
             lr=lr,
             weight_decay=weight_decay,

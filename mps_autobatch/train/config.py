@@ -54,6 +54,10 @@ class TrainConfig:
         batch_size: the micro-batch (samples per forward/backward), or "auto" to probe for it.
         effective_batch_size: samples per optimizer update, reached by gradient accumulation; None means
             the micro-batch size.
+        eval_batch_size: images per evaluation batch, or "auto" to probe the evaluation's own forward at the
+            first evaluation (where the optimizer state is in memory); None means "auto" with
+            ``batch_size="auto"``, else the micro-batch. An out-of-memory error while evaluating halves it
+            alone: the micro-batch and the effective batch never change because of evaluation.
         optimizer: "adamw" or "sgd" (momentum 0.9, Nesterov).
         lr: peak learning rate; None means 1e-3 for AdamW, 0.05 for SGD.
         weight_decay: decoupled (AdamW) or L2 (SGD) weight decay.
@@ -88,6 +92,7 @@ class TrainConfig:
     epochs: int = 50
     batch_size: int | Literal["auto"] = "auto"
     effective_batch_size: int | None = None
+    eval_batch_size: int | Literal["auto"] | None = None
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float | None = None
     weight_decay: float = 0.05
@@ -120,6 +125,18 @@ class TrainConfig:
         if self.weights is not None:
             return True
         return self.pretrained if self.pretrained is not None else self.dataset != "synthetic"
+
+    @property
+    def eval_sizing(self) -> int | Literal["auto", "micro"]:
+        """How evaluation batches are sized: a fixed size, "auto" (probed) or "micro" (the current micro-batch).
+
+        Example:
+            >>> TrainConfig().eval_sizing, TrainConfig(batch_size=32).eval_sizing
+            ('auto', 'micro')
+        """
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return "auto" if self.batch_size == "auto" else "micro"
 
     @property
     def peak_lr(self) -> float:
@@ -165,6 +182,8 @@ def _positive(name: str, value: Any, fix: str, *, allow_zero: bool = False) -> N
 def _check_sizes(config: TrainConfig) -> None:
     if config.batch_size != "auto":
         _positive("--batch-size", config.batch_size, "Pass a positive --batch-size, or auto to probe for one.")
+    if config.eval_batch_size not in (None, "auto"):
+        _positive("--eval-batch-size", config.eval_batch_size, "Pass a positive --eval-batch-size, or auto.")
     if config.effective_batch_size is not None:
         _positive("--effective-batch-size", config.effective_batch_size, "Pass the optimisation batch, e.g. 64.")
     _positive("--epochs", config.epochs, "Pass e.g. --epochs 50.")

@@ -31,11 +31,11 @@ from .. import distributed
 from .._units import parse_size
 from ..accumulation import micro_batch_sizes
 from ..devices import MemoryBackend, get_backend
-from ..errors import AutobatchError, mark_failed_step
+from ..errors import AutobatchError, first_line, mark_failed_step
 from ..oom import is_oom_error
 from ..results import ProbeResult
 from ..spec import ProbeSpec
-from ..step import Rewind, TrainingStep, autocast, fork_rng, rng_state, set_rng_state
+from ..step import Rewind, TrainingStep, evaluation_output, fork_rng, rng_state, set_rng_state
 from . import checkpoint
 from ._setup import (
     choose_batch_sizes,
@@ -44,6 +44,7 @@ from ._setup import (
     make_optimizer,
     memory_session,
     model_data_config,
+    probe_event,
     resolve_device,
     seed_everything,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "evaluate",
     "forward_backward_retrying",
     "one_update",
+    "probe_evaluation",
     "probe_training_step",
     "set_lr",
     "train",
@@ -70,7 +72,9 @@ __all__ = [
 class TrainResult:
     """What a run did. ``epochs`` are the metrics rows (`checkpoint.METRIC_COLUMNS`); ``events`` the probe
     and out-of-memory recoveries, and ``measured_peak``, the peak of the first updates; ``stopped`` is True when
-    ``stop_after`` ended it before the last epoch; ``probe`` is the probe's result for ``batch_size="auto"``."""
+    ``stop_after`` ended it before the last epoch; ``probe`` is the probe's result for ``batch_size="auto"``;
+    ``eval_batch_size`` the evaluation batch last used (None before any evaluation with a probed one) and
+    ``eval_probe`` the evaluation probe's result for ``eval_batch_size="auto"``, when it ran in this call."""
 
     output_dir: Path
     epochs: tuple[dict[str, Any], ...]
@@ -81,6 +85,8 @@ class TrainResult:
     updates: int
     stopped: bool
     probe: ProbeResult | None = None
+    eval_batch_size: int | None = None
+    eval_probe: ProbeResult | None = None
 
 
 @dataclass
@@ -89,6 +95,7 @@ class _State:
 
     micro_batch_size: int
     effective_batch_size: int
+    eval_batch_size: int | None = None  # None: the micro-batch, or the probe's answer still to come ("auto")
     epoch: int = 0  # epochs completed
     batches_done: int = 0  # optimisation batches done in the current epoch
     update: int = 0  # optimizer updates since the start
@@ -120,6 +127,10 @@ class _Run:
     folder: Path | None  # None on ranks other than 0: rank 0's files hold the same weights and numbers
     static: dict[str, Any]  # what every checkpoint holds besides the state: config, classes, schedule, ...
     display: Display
+    eval_sizing: int | str  # TrainConfig.eval_sizing
+    make_val: Callable[[int], DataLoader]  # the validation loader at a batch size
+    probe_eval: Callable[[], ProbeResult]  # `probe_evaluation` of this run
+    eval_probe: ProbeResult | None = None
 
     def lr(self, update: int) -> float:
         schedule = self.static["schedule"]
@@ -127,12 +138,30 @@ class _Run:
             update, peak=schedule["peak_lr"], warmup=schedule["warmup_updates"], total=schedule["total_updates"]
         )
 
-    def evaluate(self, micro: int) -> dict[str, float]:
-        """Validation metrics, in batches no larger than the micro-batch that trains."""
+    def evaluate(self, state: _State) -> dict[str, float]:
+        """Validation metrics, in evaluation batches sized by `TrainConfig.eval_sizing`, halved alone on an OOM.
+
+        With "auto" the evaluation's own forward is probed at the first evaluation, where the optimizer state
+        is in memory as it will be at every later one.
+        """
+        if state.eval_batch_size is None and self.eval_sizing == "auto":
+            self.eval_probe = self.probe_eval()
+            state.eval_batch_size = self.eval_probe.batch_size
+            state.events.append(probe_event(self.eval_probe, "eval_probe"))
+            self.display.probe(self.eval_probe)
+            self.val = self.make_val(state.eval_batch_size)
+        size = state.eval_batch_size or state.micro_batch_size
         step = self.step
-        return evaluate(
-            self.model, self.val, device=step.device, amp=step.amp, channels_last=step.channels_last, batch_size=micro
+        metrics = evaluate(
+            self.model,
+            self.val,
+            device=step.device,
+            amp=step.amp,
+            channels_last=step.channels_last,
+            batch_size=size,
+            on_oom=partial(_record_eval_oom, state, self.backend, self.display),
         )
+        return metrics
 
     def save(self, state: _State, best: bool) -> None:
         """last.pt (and best.pt), then the metrics files, all atomically; nothing on ranks other than 0."""
@@ -243,8 +272,37 @@ def _record_oom(state: _State, display: Display, micro: int, new_micro: int, mes
     )
 
 
+def _record_eval_oom(state: _State, backend: MemoryBackend, display: Display, size: int, message: str) -> int:
+    """After an out-of-memory error while evaluating: free it, halve the evaluation batch (only), say so."""
+    backend.release_failed_step()
+    if size == 1:
+        raise TrainingOutOfMemory(
+            f"Out of memory evaluating a single image: {message} Pass a smaller --image-size or model, or a larger "
+            "--memory-limit."
+        )
+    new = size // 2
+    state.eval_batch_size = new
+    state.events.append(
+        {
+            "event": "eval_oom",
+            "epoch": state.epoch + 1,
+            "update": state.update,
+            "eval_batch_size": size,
+            "new_eval_batch_size": new,
+            "micro_batch_size": state.micro_batch_size,
+            "effective_batch_size": state.effective_batch_size,
+            "error": message,
+        }
+    )
+    display.print(
+        f"Out of memory evaluating batches of {size} (epoch {state.epoch + 1}): evaluating in batches of {new}; "
+        f"training keeps micro-batch {state.micro_batch_size} and batch {state.effective_batch_size}."
+    )
+    return new
+
+
 def _end_epoch(run: _Run, state: _State) -> None:
-    metrics = run.evaluate(state.micro_batch_size)
+    metrics = run.evaluate(state)
     checkpoint.hold()  # the epoch's row, position and checkpoint change together or not at all
     _, ranks = distributed.rank_and_world()
     steps, effective = run.steps_per_epoch, state.effective_batch_size
@@ -260,6 +318,7 @@ def _end_epoch(run: _Run, state: _State) -> None:
         "images_per_s": steps * effective * ranks / state.epoch_train_s if state.epoch_train_s else 0.0,
         "epoch_s": state.epoch_train_s,
         "micro_batch_size": state.micro_batch_size,
+        "eval_batch_size": state.eval_batch_size or state.micro_batch_size,
         "accumulation_steps": len(micro_batch_sizes(effective, state.micro_batch_size)),
         "effective_batch_size": effective,
         "oom_retries": state.epoch_ooms,
@@ -328,12 +387,16 @@ def _make_run(
         "schedule": {"peak_lr": config.peak_lr, "warmup_updates": warmup, "total_updates": total},
     }
     every = config.empty_cache_every
+
+    def make_val(batch_size: int) -> DataLoader:
+        return eval_loader(splits.val, batch_size, **options)
+
     return _Run(
         model=model,
         step=step,
         backend=backend,
         batches=train_batches(loader, sampler, state.epoch, state.batches_done),
-        val=eval_loader(splits.val, state.micro_batch_size, **options),
+        val=make_val(state.eval_batch_size or state.micro_batch_size),
         splits=splits,
         steps_per_epoch=steps,
         epochs=config.epochs,
@@ -343,6 +406,9 @@ def _make_run(
         folder=config.output_dir if rank == 0 else None,
         static=static,
         display=display,
+        eval_sizing=config.eval_sizing,
+        make_val=make_val,
+        probe_eval=partial(probe_evaluation, step, model, backend, config, len(splits.val) // ranks or 1),
     )
 
 
@@ -456,7 +522,8 @@ def _train(
                 probe = probe_training_step(step, model, backend, config, len(splits.classes), n_train)
                 display.probe(probe)
             micro, effective, event = choose_batch_sizes(config, probe, n_train)
-            state = _State(micro, effective, events=[event] if event else [])
+            fixed_eval = config.eval_sizing if isinstance(config.eval_sizing, int) else None
+            state = _State(micro, effective, fixed_eval, events=[event] if event else [])
         run = _make_run(config, splits, model, step, backend, state, display, data_config)
         if saved is not None:
             set_rng_state(saved["rng"], backend.device)  # last: building the run may have drawn random numbers
@@ -479,6 +546,8 @@ def _train(
         updates=state.update,
         stopped=stopped,
         probe=probe,
+        eval_batch_size=state.eval_batch_size or (state.micro_batch_size if state.rows else None),
+        eval_probe=run.eval_probe,
     )
 
 
@@ -593,11 +662,8 @@ def _score(
     channels_last: bool,
 ) -> torch.Tensor:
     """(summed cross-entropy, top-1 hits, top-5 hits) of one batch, on the CPU."""
-    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(device, amp):
-        logits = model(images).float()
+    logits = evaluation_output(model, images, device=device, amp=amp, channels_last=channels_last).float()
+    labels = labels.to(device, non_blocking=True)
     hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
     loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
     return torch.stack([loss, hits[:, 0].sum(), hits.any(dim=1).sum()]).cpu()
@@ -612,20 +678,31 @@ def evaluate(
     amp: str | None = None,
     channels_last: bool = False,
     batch_size: int | None = None,
+    on_oom: Callable[[int, str], int] | None = None,
 ) -> dict[str, float]:
     """Mean cross-entropy (no smoothing), top-1 and top-5 accuracy (fractions) over a loader.
 
-    ``batch_size`` splits the loader's batches further: the trainer passes its current micro-batch, so an
-    evaluation never needs more memory than the training step that fits.
+    ``batch_size`` splits the loader's batches further (the trainer's evaluation batch). With ``on_oom``, an
+    out-of-memory error re-scores the same images in the batch size ``on_oom(size, message)`` returns.
     """
     was_training = model.training
     model.eval()
     totals, count = torch.zeros(3, dtype=torch.float64), 0
     for images, labels in loader:
-        step = batch_size or len(images)
-        for start in range(0, len(images), step):
-            chunk = slice(start, start + step)
-            totals += _score(model, images[chunk], labels[chunk], device, amp, channels_last)
+        size, start = batch_size or len(images), 0
+        while start < len(images):
+            chunk = slice(start, start + size)
+            try:
+                totals += _score(model, images[chunk], labels[chunk], device, amp, channels_last)
+            except Exception as exc:
+                if on_oom is None or not is_oom_error(exc):
+                    raise
+                traceback.clear_frames(exc.__traceback__)  # its frames pin the failed forward's activations
+                message = first_line(exc).split(" Use PYTORCH_MPS_HIGH_WATERMARK_RATIO")[0]
+                del exc
+                size = batch_size = on_oom(size, message)  # for this batch and every later one
+                continue
+            start += size
         count += len(labels)
     model.train(was_training)
     # Under torchrun each rank scored its share of the split (`eval_loader`): add them up.
@@ -688,3 +765,40 @@ def probe_training_step(
     if step.scaler is not None and scaler_state is not None:
         step.scaler.load_state_dict(scaler_state)
     return result
+
+
+def probe_evaluation(
+    step: TrainingStep, model: nn.Module, backend: MemoryBackend, config: TrainConfig, n_val: int
+) -> ProbeResult:
+    """Probe the run's own evaluation forward (`evaluation_output`, the model in eval mode) on synthetic images.
+
+    Run at the first evaluation, after training updates: the optimizer state and whatever else the run holds are
+    in memory, as at every evaluation. Cached like the training probe when ``config.probe_cache`` is on.
+    """
+    from ..probe import find_safe_batch_size
+
+    shape = (3, config.image_size, config.image_size)
+
+    def one_evaluation(batch_size: int) -> None:
+        images = torch.randn(batch_size, *shape)  # on the host, as the loader hands them over
+        evaluation_output(model, images, device=step.device, amp=step.amp, channels_last=step.channels_last)
+
+    _, ranks = distributed.rank_and_world()
+    spec = ProbeSpec(
+        model=f"{config.model} (autobatch evaluation, {ranks} ranks)",
+        input_shape=shape,
+        mode="eval",
+        amp=step.amp,  # type: ignore[arg-type]
+        channels_last=step.channels_last,
+        memory_limit=parse_size(config.memory_limit) if config.memory_limit is not None else None,
+        max_batch_size=n_val,
+    )
+    was_training = model.training
+    model.eval()
+    try:
+        with fork_rng(backend.device):
+            return find_safe_batch_size(
+                one_evaluation, spec=spec, device=backend, model=model, cache=config.probe_cache, cache_key=spec.model
+            )
+    finally:
+        model.train(was_training)
