@@ -38,3 +38,18 @@ def test_train_with_probe_runs_as_written(tmp_path):
     assert micro == -(-64 // steps) <= safe
     assert train_line.startswith("trained 8 updates of 64 samples")  # 512 synthetic images, drop_last
     assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / "last.pt").exists()
+
+
+def test_text_classifier_runs_as_written():
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "text_classifier.py"), "--simulate"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"),
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr
+    train, evaluation, longest = done.stdout.splitlines()
+    assert train.startswith("train batch size 7 (trials [2, 16, ")
+    assert evaluation.startswith("eval batch size 313 (trials [2, 16, 128, ")
+    assert longest == "longest sample: index 24, 256 tokens"  # the dataset's maximum: seeded lengths 32-256
