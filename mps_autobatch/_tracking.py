@@ -58,6 +58,8 @@ class StorageBook(TorchDispatchMode):
             module that runs; host data the step only reads, like a dataset tensor it indexes, is not
             device memory); "none". What is not booked
             is known, so a view of a pre-existing tensor is not mistaken for an allocation.
+        seen: the storages booked so far, shared between books of one device: a storage booked by an earlier
+            book (a parameter adopted in an earlier probe) is still booked, so it is not booked twice.
     """
 
     def __init__(
@@ -66,12 +68,13 @@ class StorageBook(TorchDispatchMode):
         on_free: Callable[[object], None],
         *,
         adopt_inputs: Literal["all", "resident", "none"],
+        seen: WeakIdKeyDictionary | None = None,
     ) -> None:
         super().__init__()
         self._on_alloc = on_alloc
         self._on_free = on_free
         self._adopt_inputs = adopt_inputs
-        self._seen: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._seen: WeakIdKeyDictionary = seen if seen is not None else WeakIdKeyDictionary()
         self._marked: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storages known to live on the device
 
     def mark_resident(self, tensors: Iterable[torch.Tensor]) -> None:

@@ -36,6 +36,7 @@ from typing import Literal
 
 import psutil
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._tracking import StorageBook
 from ._units import format_bytes, parse_size
@@ -199,6 +200,8 @@ class SimulatedMPS:
         self._cache: list[tuple[int, int, _Buffer]] = []  # sorted (size, id, buffer)
         self._shapes: set[tuple[object, ...]] = set()
         self._book: StorageBook | None = None
+        # Every storage booked on this device, across sessions: a buffer is allocated once, as on a real device.
+        self._booked: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self._high_water = 0
         self.oom_count = 0
         self.flushes = 0  # cache releases the allocator made on its own, under pressure
@@ -252,6 +255,14 @@ class SimulatedMPS:
     def limit_bytes(self) -> int | None:
         """The driver-memory limit now in force, None when disabled (ratio 0.0)."""
         return int(self._ratio * self.recommended_max_bytes) if self._ratio > 0 else None
+
+    def __getstate__(self) -> dict[str, object]:
+        # The child of an isolated probe gets the device as it is, without the bookings of this process's storages.
+        return {**self.__dict__, "_booked": None, "_book": None}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._booked = WeakIdKeyDictionary()
 
     def host_memory(self) -> tuple[int, int]:
         """(total, available) RAM of the simulated Mac, with this process's driver memory in use."""
@@ -365,7 +376,7 @@ def _strtod(raw: str) -> float:
 
 class _GraphAwareBook(StorageBook):
     def __init__(self, sim: SimulatedMPS) -> None:
-        super().__init__(sim._allocate, sim._release, adopt_inputs="resident")
+        super().__init__(sim._allocate, sim._release, adopt_inputs="resident", seen=sim._booked)
         self._sim = sim
         self._hook: torch.utils.hooks.RemovableHandle | None = None
 
