@@ -1,8 +1,10 @@
 """Remember probe answers on disk, so the same model on the same machine is probed once.
 
-Each answer is one JSON file named after the fingerprint of its key. The caller builds the key from
-everything that changes memory use or the answer (model, input shape, optimizer, amp, device, versions,
-...); this module only hashes it, stores ``{"key": key, "result": result.to_dict()}`` and reads it back.
+Each answer is one JSON file named after the fingerprint of its key and the limit it was found under (an
+answer found under a smaller limit does not replace one found under a larger limit: each serves its own).
+The caller builds the key from everything that changes memory use or the answer (model, input shape,
+optimizer, amp, device, versions, ...); this module only hashes it, stores
+``{"key": key, "result": result.to_dict()}`` and reads it back.
 
 Example:
     >>> import os, tempfile
@@ -41,8 +43,8 @@ from .results import ProbeResult, Trial
 __all__ = ["cache_dir", "clear", "fingerprint", "load", "result_from_dict", "store"]
 
 _ENV_DIR = "AUTOBATCH_CACHE_DIR"
-_NAME = re.compile(r"[0-9a-f]{64}\.json")
-_TEMP_NAME = re.compile(r"\.[0-9a-f]{64}\.\w+\.tmp")
+_NAME = re.compile(r"[0-9a-f]{64}-\d+\.json")
+_TEMP_NAME = re.compile(r"\.[0-9a-f]{64}-\d+\.\w+\.tmp")
 
 
 def cache_dir() -> Path:
@@ -94,8 +96,21 @@ def fingerprint(key: Mapping[str, object]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _path_for(key: Mapping[str, object], folder: Path | None) -> Path:
-    return (folder if folder is not None else cache_dir()) / f"{fingerprint(key)}.json"
+def _path_for(key: Mapping[str, object], limit_bytes: int, folder: Path | None) -> Path:
+    return (folder if folder is not None else cache_dir()) / f"{fingerprint(key)}-{limit_bytes}.json"
+
+
+def _best_path(key: Mapping[str, object], limit_bytes: int, folder: Path | None) -> Path | None:
+    """The answer found under the largest limit no larger than ``limit_bytes``: the largest batch still safe."""
+    home = folder if folder is not None else cache_dir()
+    prefix = f"{fingerprint(key)}-"
+    limits = [
+        int(path.name[len(prefix) : -len(".json")])
+        for path in home.glob(f"{prefix}*.json")
+        if _NAME.fullmatch(path.name)
+    ]
+    fitting = [limit for limit in limits if limit <= limit_bytes]
+    return _path_for(key, max(fitting), folder) if fitting else None
 
 
 def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
@@ -139,8 +154,8 @@ def load(key: Mapping[str, object], limit_bytes: int, *, folder: Path | None = N
         The cached `ProbeResult`, or None on a miss. A corrupt or unreadable file is a miss too, with an
         `AutobatchWarning`; the next `store` for the key rewrites it.
     """
-    path = _path_for(key, folder)
-    if not path.exists():
+    path = _best_path(key, limit_bytes, folder)
+    if path is None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -159,7 +174,7 @@ def load(key: Mapping[str, object], limit_bytes: int, *, folder: Path | None = N
 
 
 def store(key: Mapping[str, object], result: ProbeResult, *, folder: Path | None = None) -> Path:
-    """Save ``result`` under ``key``, replacing any earlier answer.
+    """Save ``result`` under ``key`` and its limit, replacing an earlier answer found under the same limit.
 
     The file is written next to its final name and moved into place with `os.replace`, so a reader
     never sees half a file, even if the process dies while writing.
@@ -167,7 +182,7 @@ def store(key: Mapping[str, object], result: ProbeResult, *, folder: Path | None
     Returns:
         The path of the cache file.
     """
-    path = _path_for(key, folder)
+    path = _path_for(key, result.limit_bytes, folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = {**result.to_dict(), "cached": False}  # read back, it is a cached answer; stored, it was measured
     text = json.dumps({"key": dict(key), "result": stored}, indent=2, sort_keys=True)

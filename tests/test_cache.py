@@ -73,7 +73,7 @@ def test_store_then_load_round_trips(cache_home: Path) -> None:
 
     loaded = cache.load(KEY, limit_bytes=16 * GIB)
 
-    assert path == cache_home / f"{cache.fingerprint(KEY)}.json"
+    assert path == cache_home / f"{cache.fingerprint(KEY)}-{RESULT.limit_bytes}.json"
     assert loaded == RESULT
     assert loaded is not None
     assert isinstance(loaded.trials, tuple) and all(isinstance(t, Trial) for t in loaded.trials)
@@ -180,7 +180,7 @@ def test_corrupt_file_warns_once_and_is_rewritten(cache_home: Path, content: str
 def test_clear_counts_and_empties(cache_home: Path) -> None:
     for optimizer in ("adamw", "sgd", "lion"):
         cache.store({**KEY, "optimizer": optimizer}, RESULT)
-    (cache_home / f".{cache.fingerprint(KEY)}.abc123.tmp").write_text("{")  # left by a killed store()
+    (cache_home / f".{cache.fingerprint(KEY)}-{RESULT.limit_bytes}.abc123.tmp").write_text("{")  # a killed store()
     (cache_home / "notes.json").write_text("{}")  # not ours: the folder may be shared
 
     removed = cache.clear()
@@ -198,3 +198,15 @@ def test_clear_without_a_folder(cache_home: Path) -> None:
 def test_unserializable_key_is_a_type_error() -> None:
     with pytest.raises(TypeError, match=r"Cannot fingerprint the cache key .*Use only str, int"):
         cache.fingerprint({"model": object()})
+
+
+def test_an_answer_under_a_smaller_limit_keeps_the_one_found_under_a_larger_limit(cache_home: Path) -> None:
+    import dataclasses
+
+    small = dataclasses.replace(RESULT, limit_bytes=RESULT.limit_bytes // 2, batch_size=RESULT.batch_size // 4)
+    cache.store(KEY, RESULT)
+    cache.store(KEY, small)  # a probe under a tighter limit, which the larger answer could not serve
+    assert cache.load(KEY, limit_bytes=RESULT.limit_bytes) == RESULT  # not replaced by the smaller one
+    assert cache.load(KEY, limit_bytes=RESULT.limit_bytes - 1) == small
+    assert cache.load(KEY, limit_bytes=small.limit_bytes - 1) is None
+    assert cache.clear() == 2
