@@ -21,7 +21,7 @@ VOCAB = 5000
 
 
 class TextClassifier(nn.Module):
-    def __init__(self, d_model: int = 128, classes: int = 4) -> None:
+    def __init__(self, d_model: int = 64, classes: int = 4) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, d_model)
         layer = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=4 * d_model, batch_first=True)

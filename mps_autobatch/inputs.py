@@ -60,8 +60,10 @@ def kind_of(example: object) -> Kind:
         ('tensor', 'pair', 'dict')
     """
     if isinstance(example, Mapping):
+        _no_lists(example)
         return "dict"
     if isinstance(example, (tuple, list)) and len(example) == 2:
+        _no_lists(example)
         return "pair"
     if isinstance(example, (torch.Tensor, np.ndarray)):
         return "tensor"
@@ -70,6 +72,18 @@ def kind_of(example: object) -> Kind:
         f"{type(example).__name__}{f' of {len(example)}' if isinstance(example, (tuple, list)) else ''}. "
         "Pass e.g. example=(torch.randn(3, 224, 224), 0) or example={'input_ids': ids, 'labels': labels}."
     )
+
+
+def _no_lists(example: Mapping[str, Any] | Sequence[Any]) -> None:
+    """``default_collate`` turns a list of numbers into one tensor per position: say so before it reaches the model."""
+    items = example.items() if isinstance(example, Mapping) else enumerate(example)
+    for name, value in items:
+        if isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            raise TypeError(
+                f"example[{name!r}] is a Python list of numbers, which torch's default_collate batches into one "
+                "tensor per position: pass collate_fn= (e.g. a padding collator such as transformers' "
+                "DataCollatorWithPadding), or make the sample's values tensors."
+            )
 
 
 def describe(value: object) -> str:
@@ -150,6 +164,11 @@ def loss_of(output: Any, batch: Mapping[str, Any], loss_fn: Callable[[Any, Any],
         loss = output.get("loss")
     if not isinstance(loss, torch.Tensor):
         found = "its .loss is None" if hasattr(output, "loss") else f"got {type(output).__name__}"
+        if "labels" in batch:
+            raise TypeError(
+                f"The model's output has no loss for a dict batch ({found}) although the batch has 'labels': "
+                "pass loss_fn=lambda output, batch: ... to compute it from the output and the batch."
+            )
         raise TypeError(
             f"The model's output has no loss for a dict batch ({found}): put the labels in the example (e.g. "
             "'labels') if the model computes its own loss, or pass loss_fn=lambda output, batch: ..."
@@ -201,6 +220,11 @@ def worst_case(dataset: Sequence[Any], max_samples: int = DEFAULT_MAX_SAMPLES) -
         >>> pick.index, pick.elements, pick.read
         (1, 9, 4)
     """
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(
+            f"dataset must be map-style (len() and indexing), got {type(dataset).__name__}. For an IterableDataset, "
+            "pass example= with its longest sample."
+        )
     total = len(dataset)
     if total == 0:
         raise ValueError("dataset is empty: pass a dataset with at least one sample, or example=.")
@@ -217,7 +241,7 @@ def worst_case(dataset: Sequence[Any], max_samples: int = DEFAULT_MAX_SAMPLES) -
     return WorstCase(best[0], best[1], best[2], len(indices), total)
 
 
-def check_model_input(model: nn.Module, inputs: Any, *, from_shape: Sequence[int] | None = None) -> None:
+def check_model_input(model: nn.Module, inputs: Any, *, from_shape: Sequence[int] | None = None) -> None:  # noqa: C901
     """Say in one line what is wrong with a model and its input before any step runs.
 
     ``inputs`` is what the forward receives (a batch of two, already on the device, or without it on the meta
@@ -235,7 +259,9 @@ def check_model_input(model: nn.Module, inputs: Any, *, from_shape: Sequence[int
             "device, or call model.to_empty(device='cpu') and load its weights, before probing."
         )
     if from_shape is not None:
-        _check_channels(model, tuple(from_shape))
+        _check_channels(model, tuple(from_shape), "input_shape")
+    elif isinstance(inputs, torch.Tensor):
+        _check_channels(model, tuple(inputs.shape), "the example's shape")
     try:
         signature = inspect.signature(model.forward)
     except (TypeError, ValueError):
@@ -262,14 +288,24 @@ def check_model_input(model: nn.Module, inputs: Any, *, from_shape: Sequence[int
         ) from None
 
 
-def _check_channels(model: nn.Module, shape: tuple[int, ...]) -> None:
+def _check_channels(model: nn.Module, shape: tuple[int, ...], what: str) -> None:
     conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
     if conv is None:
         return
     dims = len(conv.kernel_size)  # spatial dimensions; one sample is (channels, *spatial)
+    channels = conv.in_channels
+
+    def fix(shape: tuple[int, ...]) -> str:
+        return f"input_shape={shape}" if what == "input_shape" else f"a sample of shape {shape}"
+
     # A model that adds a channel itself starts with a one-channel convolution.
-    if len(shape) == dims and conv.in_channels > 1:
+    if len(shape) == dims and channels > 1:
         raise ValueError(
-            f"input_shape {shape} has no channel dimension, but the model's first convolution takes "
-            f"{conv.in_channels} channels: pass input_shape={(conv.in_channels, *shape)}."
+            f"{what} {shape} has no channel dimension, but the model's first convolution takes {channels} "
+            f"channels: pass {fix((channels, *shape))}."
+        )
+    if len(shape) == dims + 1 and shape[0] != channels and shape[-1] == channels:
+        raise ValueError(
+            f"{what} {shape} puts the channels last (height, width, channels), but the model takes them first: "
+            f"pass {fix((channels, *shape[:-1]))}."
         )

@@ -440,7 +440,9 @@ def unreliable(points: Sequence[Point], rest: Rest, budget: int, device: str) ->
         # enough: allocator size classes make peak memory flat over a range of sizes.
         return _STEP_IGNORES_BATCH
     span = flat_span(points)
-    if last.ran and span is not None and span[1] >= 64 * span[0]:
+    # A peak set by a fixed part (the optimizer step of a large model) is flat at small sizes too, until the
+    # activations outgrow it: only a flat reading over a wide range says the step ignores its batch size.
+    if last.ran and span is not None and span[1] >= 1024 * span[0]:
         return _STEP_IGNORES_BATCH
     if not last.ran and last.peak is None:
         below = [p for p in points[:-1] if p.ran and p.size < last.size]

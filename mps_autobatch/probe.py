@@ -16,7 +16,7 @@ from torch import nn
 from . import distributed
 from ._units import parse_size
 from .devices import MemoryBackend, MemoryLimit, get_backend
-from .inputs import DEFAULT_MAX_SAMPLES, describe, worst_case
+from .inputs import DEFAULT_MAX_SAMPLES, WorstCase, describe, worst_case
 from .results import ProbeResult, Trial
 from .search import search
 from .spec import ProbeSpec
@@ -120,6 +120,7 @@ def find_safe_batch_size(
     memory_limit: int | str | None = None,
     headroom: float = 0.2,
     requested: int | None = None,
+    start: int | None = None,
     max_batch_size: int | None = None,
     multiple_of: int = 1,
     steps_per_trial: int = 1,
@@ -176,6 +177,7 @@ def find_safe_batch_size(
         headroom: the fraction of the limit kept free (the 20%-reduction rule by default).
         requested: the batch size you want; the search starts at 80% of it, and the result says how to
             reach it with gradient accumulation.
+        start: the first size probed instead (default: 80% of ``requested``, else 2).
         max_batch_size: never probe above this (e.g. the dataset length).
         multiple_of: only probe and recommend multiples of this.
         steps_per_trial: training steps per probe; the peak is the highest of them.
@@ -243,6 +245,8 @@ def find_safe_batch_size(
         )
     picked = None
     if example is None and dataset is not None:
+        if input_shape is not None:
+            raise ValueError("Pass input_shape or dataset, not both: the dataset's samples give the shape.")
         picked = worst_case(dataset, max_samples)
         example = picked.example
     settings = ProbeSpec(
@@ -256,6 +260,7 @@ def find_safe_batch_size(
         memory_limit=parse_size(memory_limit) if memory_limit is not None else None,
         headroom=headroom,
         requested=requested,
+        start=start,
         max_batch_size=max_batch_size,
         multiple_of=multiple_of,
         steps_per_trial=steps_per_trial,
@@ -281,7 +286,7 @@ def find_safe_batch_size(
         # Under torchrun rank 0 reads the cache and tells the others, so every rank probes, or none does.
         hit = distributed.rank_zero_decides(functools.partial(disk.load, key, limit.bytes, folder=folder))
         if hit is not None:
-            return dataclasses.replace(hit, cached=True)
+            return _picked_from(dataclasses.replace(hit, cached=True), picked)
     if isolate:
         if example is not None:
             raise TypeError("isolate=True builds its batches from input_shape: pass input_shape, not example/dataset.")
@@ -300,15 +305,22 @@ def find_safe_batch_size(
             on_trial=on_trial,
         )
     result = dataclasses.replace(result, mode=spec.mode)
-    if picked is not None:
-        note = f"{result.note} " if result.note else ""
-        note += f"{picked.describe().capitalize()}."
-        result = dataclasses.replace(result, example_index=picked.index, note=note)
+    if spec.mode == "eval":
+        result = dataclasses.replace(result, accumulation=None)  # evaluation accumulates nothing
+    result = _picked_from(result, picked)
     if key is not None and distributed.rank_and_world()[0] == 0:
         from . import cache as disk
 
         disk.store(key, result, folder=folder)
     return result
+
+
+def _picked_from(result: ProbeResult, picked: WorstCase | None) -> ProbeResult:
+    """The result with the worst-case sample it was built from (a cached answer too: the key holds its shape)."""
+    if picked is None or result.example_index == picked.index:
+        return result
+    note = f"{result.note} " if result.note else ""
+    return dataclasses.replace(result, example_index=picked.index, note=f"{note}{picked.describe().capitalize()}.")
 
 
 def _probe(
@@ -354,6 +366,7 @@ def _probe(
                 limit,
                 headroom=float(spec.headroom),
                 requested=spec.requested,
+                start=spec.start,
                 max_batch_size=spec.max_batch_size,
                 multiple_of=spec.multiple_of,
                 steps_per_trial=spec.steps_per_trial,

@@ -34,10 +34,10 @@ _SMALL_START = 2
 # The seed's 20%-reduction rule: start at 80% of what the user asked for.
 _REDUCTION = 0.8
 # A step whose tensors read the same over this factor of sizes does not use its batch size: no doubling ends.
-_NO_DEPENDENCE = 1024
+_NO_DEPENDENCE = 2**20
 
 
-def first_batch_size(requested: int | None, multiple_of: int = 1, max_batch_size: int | None = None) -> int:
+def first_batch_size(requested: float | None, multiple_of: int = 1, max_batch_size: int | None = None) -> int:
     """The first size probed: 80% of ``requested`` (the 20%-reduction rule), else a small start.
 
     Rounded down to ``multiple_of``, never below it, never above ``max_batch_size``.
@@ -49,7 +49,7 @@ def first_batch_size(requested: int | None, multiple_of: int = 1, max_batch_size
     if requested is None:
         size = max(multiple_of, math.ceil(_SMALL_START / multiple_of) * multiple_of)
     else:
-        size = max(multiple_of, int(requested * _REDUCTION) // multiple_of * multiple_of)
+        size = max(multiple_of, int(round(requested * _REDUCTION, 6)) // multiple_of * multiple_of)
     if max_batch_size is not None:
         size = min(size, max(multiple_of, max_batch_size // multiple_of * multiple_of))
     return size
@@ -252,6 +252,7 @@ def search(
     find_max: bool = False,
     objective: Literal["memory", "throughput"] = "memory",
     on_trial: Callable[[Trial], None] | None = None,
+    start: int | None = None,
 ) -> ProbeResult:
     """Find the largest batch size whose measured peak fits ``limit`` minus ``headroom``.
 
@@ -267,7 +268,7 @@ def search(
     """
     began = perf_counter()
     state = _Trials(workload, backend, limit, headroom=headroom, steps_per_trial=steps_per_trial, on_trial=on_trial)
-    start = first_batch_size(requested, multiple_of, max_batch_size)
+    start = first_batch_size(requested if start is None else start / _REDUCTION, multiple_of, max_batch_size)
     state.warm_up(start)
     cap = max_batch_size // multiple_of * multiple_of if max_batch_size is not None else None
     strategy, note, settled = _decide_sizes(state, start, multiple_of=multiple_of, cap=cap, find_max=find_max)

@@ -73,6 +73,7 @@ class ProbeSpec:
         memory_limit: bytes; None for what the device allows.
         headroom: the fraction of the limit kept free (the 20%-reduction rule by default).
         requested: the batch size wanted; the search starts at 80% of it.
+        start: the first size probed instead (default: 80% of ``requested``, else 2).
         max_batch_size: never probe above this.
         multiple_of: only probe and recommend multiples of this.
         steps_per_trial: training steps per trial.
@@ -91,6 +92,7 @@ class ProbeSpec:
     memory_limit: int | None = None
     headroom: float = 0.2
     requested: int | None = None
+    start: int | None = None
     max_batch_size: int | None = None
     multiple_of: int = 1
     steps_per_trial: int = 1
@@ -102,6 +104,7 @@ class ProbeSpec:
         _check_positive(
             "requested", self.requested, "Pass the batch size you want, or leave it out to search from small."
         )
+        _check_positive("start", self.start, "Pass the first batch size to probe, or leave it out.")
         _check_positive(
             "max_batch_size", self.max_batch_size, "Pass the largest size worth probing, e.g. the dataset length."
         )

@@ -363,7 +363,7 @@ def make_workload(
             )
         kind = "tensor" if example is None else batches.kind_of(example)
         if kind == "tensor":
-            model_inputs: Any = object()  # one positional input
+            model_inputs: Any = example if example is not None else object()  # one positional input
         else:  # what the forward will receive: a batch of one, through the collate function
             one = batches.batch_of(example, 1, collate_fn)
             model_inputs = one if kind == "dict" else one[0]

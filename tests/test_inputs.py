@@ -227,12 +227,6 @@ MISTAKES = [
 ]
 
 
-@pytest.mark.parametrize(("call", "error", "message"), MISTAKES)
-def test_a_mistake_in_the_target_is_one_line_naming_the_fix(call, error, message) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(error, match=f"^{re.escape(message)}$"):
-        call()
-
-
 def test_a_mistake_found_by_checks_runs_no_step() -> None:
     calls: list[int] = []
     model = _SmallConvNet()
@@ -252,9 +246,9 @@ def test_a_step_that_ignores_its_batch_size_falls_back_to_bisection_and_the_note
         optimizer.step()
         optimizer.zero_grad()
 
-    result = _probe(step, "256MiB", model=model, optimizer=optimizer, max_batch_size=1024)
-    assert [t.batch_size for t in result.trials] == [2, 16, 32, 64, 128, 256, 512, 1024]
-    assert result.strategy == "bisect" and result.batch_size == 819  # 80% of the largest that ran: nothing measured
+    result = _probe(step, "256MiB", model=model, optimizer=optimizer, max_batch_size=4096)
+    assert [t.batch_size for t in result.trials] == [2, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+    assert result.strategy == "bisect" and result.batch_size == 3276  # 80% of the largest that ran: nothing measured
     assert result.note == (
         "Fell back to crash-driven bisection: the measured peak did not grow with the batch size; the likely cause "
         "is a step that reuses a batch built outside it (only what the step allocates is measured): create the batch "
@@ -277,6 +271,71 @@ def test_without_a_cap_a_step_that_ignores_its_batch_size_stops_with_one_line_in
     with pytest.raises(AutobatchError) as caught:
         _probe(step, "256MiB", model=model)
     assert str(caught.value) == (
-        "The step's memory did not change from batch size 2 to 2048 (96.00 KiB of tensors at each): it does not build "
-        "its batch from batch_size, so no size can be measured. Create the batch inside step(batch_size)."
+        "The step's memory did not change from batch size 2 to 2097152 (96.00 KiB of tensors at each): it does not "
+        "build its batch from batch_size, so no size can be measured. Create the batch inside step(batch_size)."
     )
+
+
+MORE_MISTAKES = [
+    pytest.param(
+        lambda: _probe(_SmallConvNet(), example=torch.randn(32, 32)),
+        ValueError,
+        "the example's shape (32, 32) has no channel dimension, but the model's first convolution takes 3 channels: "
+        "pass a sample of shape (3, 32, 32).",
+        id="example-without-channels",
+    ),
+    pytest.param(
+        lambda: _probe(_SmallConvNet(), input_shape=(32, 32, 3)),
+        ValueError,
+        "input_shape (32, 32, 3) puts the channels last (height, width, channels), but the model takes them first: "
+        "pass input_shape=(3, 32, 32).",
+        id="channels-last-shape",
+    ),
+    pytest.param(
+        lambda: _probe(_NoLoss(), example={"input_ids": [1, 2, 3], "labels": 1}),
+        TypeError,
+        "example['input_ids'] is a Python list of numbers, which torch's default_collate batches into one tensor per "
+        "position: pass collate_fn= (e.g. a padding collator such as transformers' DataCollatorWithPadding), or make "
+        "the sample's values tensors.",
+        id="list-of-token-ids-without-collate",
+    ),
+    pytest.param(
+        lambda: _probe(_SmallConvNet(), input_shape=(3, 32, 32), dataset=[torch.zeros(3, 32, 32)]),
+        ValueError,
+        "Pass input_shape or dataset, not both: the dataset's samples give the shape.",
+        id="shape-and-dataset",
+    ),
+    pytest.param(
+        lambda: _probe(_SmallConvNet(), dataset=iter([torch.zeros(3, 32, 32)])),
+        TypeError,
+        "dataset must be map-style (len() and indexing), got list_iterator. For an IterableDataset, pass example= "
+        "with its longest sample.",
+        id="iterable-dataset",
+    ),
+    pytest.param(
+        lambda: _probe(EncoderClassifier(), example=token_sample(16)),  # logits, and no loss_fn
+        TypeError,
+        "The model's output has no loss for a dict batch (got Tensor) although the batch has 'labels': pass "
+        "loss_fn=lambda output, batch: ... to compute it from the output and the batch.",
+        id="labels-but-no-loss",
+    ),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "message"), MISTAKES + MORE_MISTAKES)  # the second list: a new user's tries
+def test_a_mistake_in_the_target_is_one_line_naming_the_fix(call, error, message) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call()
+
+
+def test_a_dataset_probe_served_from_the_cache_still_says_which_sample(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    dataset = [token_sample(length, labels="lm") for length in (32, 64, 48)]
+    first = _probe(TinyCausalLM(), "256MiB", example=token_sample(64, labels="lm"), cache=tmp_path)
+    again = _probe(TinyCausalLM(), "256MiB", dataset=dataset, cache=tmp_path)
+    assert (first.cached, again.cached, again.example_index) == (False, True, 1)
+    assert again.note.endswith("Worst case: sample 1 (192 values), the largest of all 3.")
+
+
+def test_eval_mode_plans_no_accumulation() -> None:
+    result = _probe(TinyCausalLM(), "256MiB", example=token_sample(64, labels="lm"), mode="eval", requested=1000)
+    assert result.batch_size < 1000 and result.accumulation is None

@@ -326,7 +326,8 @@ class Display:
         from ..report import summary_lines, trials_table
 
         if result.cached:
-            self.print("Batch size from the probe cache (--no-probe-cache to probe again).")
+            what = "Evaluation batch size" if result.mode == "eval" else "Batch size"
+            self.print(f"{what} from the probe cache (--no-probe-cache to probe again).")
         self.console.print(trials_table(result))
         for line in summary_lines(result):
             self.print(line)
