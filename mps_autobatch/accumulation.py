@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-__all__ = ["micro_batch_sizes", "plan_accumulation"]
+__all__ = ["EffectivePlan", "micro_batch_sizes", "plan_accumulation", "plan_effective_batch"]
+
+DIVISOR_FLOOR = 0.8
+"""A divisor of the effective batch is used when it is at least this share of the largest size that fits."""
 
 
 def plan_accumulation(requested: int, safe: int) -> tuple[int, int]:
@@ -51,3 +55,51 @@ def micro_batch_sizes(requested: int, micro: int) -> list[int]:
         raise ValueError(f"Batch sizes must be >= 1, got requested={requested}, micro={micro}.")
     full, rest = divmod(requested, micro)
     return [micro] * full + ([rest] if rest else [])
+
+
+@dataclass(frozen=True)
+class EffectivePlan:
+    """A micro-batch and an accumulation for frameworks whose micro-batches are all one size (Lightning, HF).
+
+    Attributes:
+        micro: the micro-batch (per device).
+        accumulation: gradient accumulation steps.
+        exact: ``micro * accumulation`` is the requested effective batch; otherwise it is the smallest
+            product above it, and ``note`` says so.
+        note: one sentence for a log.
+    """
+
+    micro: int
+    accumulation: int
+    exact: bool
+    note: str
+
+
+def plan_effective_batch(requested: int, safe: int) -> EffectivePlan:
+    """Micro-batch x accumulation for an effective batch of ``requested`` when every micro-batch has one size.
+
+    The micro-batch is the largest divisor of ``requested`` that fits (never above ``requested``), so the product
+    is exact. When that divisor is under 80 % of the largest size that fits (``min(safe, requested)``; e.g. a
+    prime ``requested``), the largest fitting size is used with the smallest accumulation whose product is at
+    least ``requested``, and the note says the effective batch grew.
+
+    Example:
+        >>> plan_effective_batch(64, 40)
+        EffectivePlan(micro=32, accumulation=2, exact=True, note='64 = 32 x 2 (micro-batch x accumulation).')
+        >>> plan_effective_batch(97, 40).note
+        'No divisor of 97 within 80% of the largest size that fits (40): 40 x 3 = 120, an effective batch of 120.'
+    """
+    if requested < 1 or safe < 1:
+        raise ValueError(f"Batch sizes must be >= 1, got requested={requested}, safe={safe}. Pass positive sizes.")
+    largest = min(safe, requested)
+    divisor = max(d for d in range(1, largest + 1) if requested % d == 0)
+    if divisor >= DIVISOR_FLOOR * largest:
+        steps = requested // divisor
+        return EffectivePlan(divisor, steps, True, f"{requested} = {divisor} x {steps} (micro-batch x accumulation).")
+    steps = math.ceil(requested / largest)
+    product = largest * steps
+    note = (
+        f"No divisor of {requested} within {DIVISOR_FLOOR:.0%} of the largest size that fits ({largest}): "
+        f"{largest} x {steps} = {product}, an effective batch of {product}."
+    )
+    return EffectivePlan(largest, steps, False, note)
