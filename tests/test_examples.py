@@ -40,16 +40,36 @@ def test_train_with_probe_runs_as_written(tmp_path):
     assert (tmp_path / "run" / "metrics.csv").exists() and (tmp_path / "run" / "last.pt").exists()
 
 
-def test_text_classifier_runs_as_written():
-    done = subprocess.run(
-        [sys.executable, str(EXAMPLES / "text_classifier.py"), "--simulate"],
-        capture_output=True,
-        text=True,
-        env=dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1"),
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stderr
-    train, evaluation, longest = done.stdout.splitlines()
-    assert train.startswith("train batch size 7 (trials [2, 16, ")
-    assert evaluation.startswith("eval batch size 313 (trials [2, 16, 128, ")
+def test_text_classifier_runs_as_written(monkeypatch, capsys):
+    train, evaluation, longest = _run_in_process("text_classifier.py", monkeypatch, capsys)[-3:]
+    assert train == "train batch size 10 (trials [2, 16, 11, 9, 10])"
+    assert evaluation == "eval batch size 691 (trials [2, 16, 128, 691, 720])"
     assert longest == "longest sample: index 24, 256 tokens"  # the dataset's maximum: seeded lengths 32-256
+
+
+def _run_in_process(name: str, monkeypatch, capsys) -> list[str]:  # type: ignore[no-untyped-def]
+    """An example as `python examples/<name> --simulate` runs it, in this process (Lightning and transformers are
+    imported once for the whole suite)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [name, "--simulate"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    return capsys.readouterr().out.splitlines()
+
+
+def test_lightning_mps_runs_as_written(monkeypatch, capsys):
+    largest, plan, trained = _run_in_process("lightning_mps.py", monkeypatch, capsys)[-3:]
+    assert largest.startswith("largest safe batch ") and " trials" in largest
+    micro, steps = int(plan.split()[1]), int(plan.split()[4].rstrip(":"))
+    assert plan.endswith("(micro-batch x accumulation).") and micro * steps == 4096  # a divisor: exact
+    assert trained == "trained 2 updates"
+
+
+def test_hf_trainer_mps_runs_as_written(monkeypatch, capsys):
+    lines = _run_in_process("hf_trainer_mps.py", monkeypatch, capsys)
+    largest, plan, trained = (next(line for line in lines if line.startswith(p)) for p in ("largest", "per", "trained"))
+    assert largest.startswith("largest safe batch ")
+    micro, steps = int(plan.split()[2]), int(plan.split()[5])
+    assert micro * steps == 64 and plan.split()[7].rstrip(";") == "64"
+    assert trained == "trained 4 updates"  # 256 samples, 64 per update
