@@ -1,6 +1,7 @@
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is imported by tests and doctests: never the network
 
 
 import pytest  # noqa: E402
