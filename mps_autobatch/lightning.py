@@ -129,6 +129,32 @@ class BatchSizeFinder(pl.Callback):
         if backend.keeps_cap_while_training:  # MPS: a runaway step raises instead of swapping, until the fit ends
             self._cap.enter_context(backend.session(self.result.limit_bytes))
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "validate":
+            return  # inside a fit, on_fit_start sized it
+        self._size_stage(trainer, pl_module, trainer.validate_loop, "val_dataloaders", "validation_step")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._size_stage(trainer, pl_module, trainer.test_loop, "test_dataloaders", "test_step")
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._size_stage(trainer, pl_module, trainer.predict_loop, "predict_dataloaders", "predict_step")
+
+    def _size_stage(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loop: Any, loaders: str, step: str
+    ) -> None:
+        """validate/test/predict: the stage's own step probed in eval mode, its dataloader rebuilt at the answer."""
+        name = self.eval_batch_arg_name or self.batch_arg_name
+        self._check(pl_module, name)
+        loader = _first_loader(getattr(trainer, loaders))
+        self.eval_result = self._probe(trainer, pl_module, self._backend(trainer), "eval", loader, step)
+        lightning_setattr(pl_module, name, self.eval_result.batch_size)
+        self.optimal_batch_size = self.eval_result.batch_size
+        log.info("BatchSizeFinder: %s = %d for %s.", name, self.eval_result.batch_size, step)
+        loop._combined_loader = None  # rebuilt at the new size, and the loop reset onto it (as Lightning's finder)
+        loop.setup_data()
+        loop.reset()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._cap.close()  # the MPS cap set for the fit, restored
 
@@ -150,9 +176,15 @@ class BatchSizeFinder(pl.Callback):
         return get_backend(f"cuda:{root.index or 0}" if root.type == "cuda" else root.type)
 
     def _probe(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, backend: MemoryBackend, mode: Literal["train", "eval"]
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        backend: MemoryBackend,
+        mode: Literal["train", "eval"],
+        loader: DataLoader | None = None,
+        step_name: str = "validation_step",
     ) -> ProbeResult:
-        loader = _loader(trainer, mode)
+        loader = loader if loader is not None else _loader(trainer, mode)
         picked, collate = _worst_case(loader)
         optimizer = trainer.optimizers[0] if mode == "train" else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -191,16 +223,16 @@ class BatchSizeFinder(pl.Callback):
             # gradient clipping.
             trainer.strategy.optimizer_step(optimizer, closure)  # type: ignore[arg-type]
 
-        if mode == "eval" and not pl.utilities.model_helpers.is_overridden("validation_step", pl_module):
+        if mode == "eval" and not pl.utilities.model_helpers.is_overridden(step_name, pl_module):
             raise AutobatchError(
-                "eval_batch_arg_name sizes the validation step, and this module has no validation_step. Drop "
-                "eval_batch_arg_name, or add a validation_step."
+                f"BatchSizeFinder sizes evaluation with the module's {step_name}, and it has none. Drop "
+                f"eval_batch_arg_name, or add a {step_name}."
             )
 
         def evaluation_step(batch_size: int) -> None:
             batch = trainer.strategy.batch_to_device(inputs.batch_of(picked.example, batch_size, collate))
             with torch.inference_mode(), trainer.precision_plugin.forward_context():
-                pl_module.validation_step(batch, 0)
+                getattr(pl_module, step_name)(batch, 0)
 
         step = training_step if mode == "train" else evaluation_step
         key = f"lightning:{type(pl_module).__name__}:{module_fingerprint(pl_module)}:{inputs.describe(picked.example)}"
@@ -254,6 +286,10 @@ def _loader(trainer: pl.Trainer, mode: str) -> DataLoader:
         if loader is None:
             trainer.fit_loop.setup_data()
             loader = trainer.train_dataloader  # no validation: its samples are the training ones
+    return _first_loader(loader)
+
+
+def _first_loader(loader: Any) -> DataLoader:
     if isinstance(loader, (list, tuple)):
         loader = loader[0]
     if isinstance(loader, Mapping):

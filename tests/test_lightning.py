@@ -140,3 +140,13 @@ def test_two_ddp_ranks_on_gloo_run_the_same_trials_and_agree_on_one_size(tmp_pat
     assert first["trials"] == [3276, 2502, 2607]
     assert (first["micro"], first["accumulation"]) == (2048, 2)  # 2,048 >= 80 % of the 2,502 that fits
     assert first["seen"][-2:] == [2048, 2048]  # the fit itself, after the probe's own two steps
+
+
+def test_validate_sizes_the_validation_step_in_eval_mode(tmp_path: Path) -> None:
+    module = MLP()
+    finder = _finder(eval_batch_arg_name="eval_batch_size")  # what this module's val_dataloader reads
+    run = trainer([finder], str(tmp_path))
+    run.validate(module)
+    assert finder.eval_result is not None and finder.eval_result.mode == "eval" and finder.result is None
+    assert finder.optimal_batch_size == module.hparams.eval_batch_size == finder.eval_result.batch_size == 4096
+    assert module.seen_eval[-1] == 4096  # limit_val_batches=1: one batch, of the probed size
