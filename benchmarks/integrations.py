@@ -47,7 +47,7 @@ def _fits(make_trainer: Any, module: Any, spec: str, limit: int) -> dict[str, An
         backend.sim.reset_high_water()
         try:
             trainer.fit(module)
-            return {"fits": True, "high_water_bytes": backend.sim.high_water_bytes()}
+            return {"fits": True, "high_water_bytes": backend.sim.high_water_bytes}
         except RuntimeError as exc:
             return {"fits": False, "error": str(exc).splitlines()[0][:160]}
 
@@ -101,8 +101,6 @@ def lightning_case(limit_text: str) -> list[dict[str, Any]]:
         backend = simulated_backend(spec)
         module = MLP(batch_size=2)
         theirs = LightningFinder(mode="power")
-        steps: list[int] = []
-        module.register_forward_pre_hook(lambda _, args, steps=steps: steps.append(len(args[0])))
         began = time.perf_counter()
         row: dict[str, Any] = {
             "integration": "lightning",
@@ -119,7 +117,9 @@ def lightning_case(limit_text: str) -> list[dict[str, Any]]:
                 }
             except Exception as exc:  # what a user sees: the run stops
                 row |= {"train_batch_size": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:140]}"}
-        row |= {"seconds": round(time.perf_counter() - began, 1), "forwards": len(steps), "trials": len(set(steps))}
+        # The module records the size of every training_step it ran: the finder's trials, then the fit's own.
+        row |= {"seconds": round(time.perf_counter() - began, 1), "forwards": len(module.seen)}
+        row |= {"trials": len(set(module.seen)), "sizes_tried": list(dict.fromkeys(module.seen))}
         if row.get("train_batch_size"):
             row["follow_up"] = _fits(
                 lambda: trainer([], folder, max_steps=2), MLP(batch_size=row["train_batch_size"]), "mps:16GiB", limit
@@ -156,10 +156,12 @@ def hf_case(limit_text: str) -> list[dict[str, Any]]:
             }
         except Exception as exc:
             row |= {"train_batch_size": None, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:140]}"}
-    sizes = list(dict.fromkeys(seen))
+    sizes = list(dict.fromkeys(seen))  # in order; an epoch's last, partial batch shows as a size of its own
+    settled = row.get("train_batch_size")
     row |= {
         "seconds": round(time.perf_counter() - began, 1),
-        "ooms": max(len(sizes) - 1, 0),
+        # Restarts: the sizes above the settled one it gave up (a smaller one before it is a partial last batch).
+        "ooms": len([s for s in sizes[: sizes.index(settled)] if s > settled]) if settled in sizes else None,
         "sizes_tried": sizes,
         "eval_batch_size": trainer.args.per_device_eval_batch_size,
         "largest_safe": None,
