@@ -115,6 +115,8 @@ class BatchSizeFinder(pl.Callback):
         if self.requested is not None:
             self.plan = plan_effective_batch(self.requested, safe)
             size = self.plan.micro
+            # What is written, not plan_accumulation's near-equal micro-batches: Lightning's are all one size.
+            self.result = dataclasses.replace(self.result, accumulation=(size, self.plan.accumulation))
             trainer.accumulate_grad_batches = self.plan.accumulation
             log.info("BatchSizeFinder: %s", self.plan.note)
         lightning_setattr(pl_module, self.batch_arg_name, size)

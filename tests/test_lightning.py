@@ -70,6 +70,7 @@ def test_requested_is_the_effective_batch_a_fitting_divisor_times_the_accumulati
     plan = finder.plan
     assert plan is not None and (plan.micro, plan.accumulation, plan.exact) == (512, 8, True)  # 512 >= 80 % of 624
     assert finder.optimal_batch_size == module.hparams.batch_size == 512 and run.accumulate_grad_batches == 8
+    assert finder.result.accumulation == (512, 8)
     assert module.seen[-16:] == [512] * 16  # the fit's own loader, rebuilt at the new size: two updates of 8 x 512
     # What the fit started from, once the finder was done: the weights, an empty optimizer, a fresh trainer.
     assert all(torch.equal(snapshot.seen["weights"][k], before[k]) for k in before)  # type: ignore[index]
