@@ -33,7 +33,7 @@ from . import distributed, inputs
 from .accumulation import EffectivePlan, plan_effective_batch
 from .devices import MemoryBackend, get_backend
 from .errors import AutobatchError
-from .probe import find_safe_batch_size, module_fingerprint
+from .probe import find_safe_batch_size, module_fingerprint, with_worst_case
 from .results import ProbeResult
 from .step import fork_rng
 
@@ -263,18 +263,13 @@ class BatchSizeFinder(pl.Callback):
             pl_module.train(was_training)
             if scaler is not None and scaler_state is not None:
                 scaler.load_state_dict(scaler_state)
-        note = f" {picked.describe().capitalize()}." if picked.total > 1 else ""
-        return _with_note(result, note, picked.index)
+        return with_worst_case(result, picked)
 
 
 def _cap(max_val: int | None, loader: DataLoader) -> int | None:
     """Never probe a batch larger than the dataset (Lightning's finder stops there too)."""
     length = len(loader.dataset) if hasattr(loader.dataset, "__len__") else None
     return min(v for v in (max_val, length) if v is not None) if (max_val or length) else None
-
-
-def _with_note(result: ProbeResult, note: str, index: int) -> ProbeResult:
-    return dataclasses.replace(result, note=(result.note + note).strip(), example_index=index)
 
 
 def _loader(trainer: pl.Trainer, mode: str) -> DataLoader:

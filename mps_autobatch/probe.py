@@ -286,7 +286,7 @@ def find_safe_batch_size(
         # Under torchrun rank 0 reads the cache and tells the others, so every rank probes, or none does.
         hit = distributed.rank_zero_decides(functools.partial(disk.load, key, limit.bytes, folder=folder))
         if hit is not None:
-            return _picked_from(dataclasses.replace(hit, cached=True), picked)
+            return with_worst_case(dataclasses.replace(hit, cached=True), picked)
     if isolate:
         if example is not None:
             raise TypeError("isolate=True builds its batches from input_shape: pass input_shape, not example/dataset.")
@@ -307,7 +307,7 @@ def find_safe_batch_size(
     result = dataclasses.replace(result, mode=spec.mode)
     if spec.mode == "eval":
         result = dataclasses.replace(result, accumulation=None)  # evaluation accumulates nothing
-    result = _picked_from(result, picked)
+    result = with_worst_case(result, picked)
     if key is not None and distributed.rank_and_world()[0] == 0:
         from . import cache as disk
 
@@ -315,10 +315,15 @@ def find_safe_batch_size(
     return result
 
 
-def _picked_from(result: ProbeResult, picked: WorstCase | None) -> ProbeResult:
-    """The result with the worst-case sample it was built from (a cached answer too: the key holds its shape)."""
+def with_worst_case(result: ProbeResult, picked: WorstCase | None) -> ProbeResult:
+    """The result with the worst-case sample it was built from (a cached answer too: the key holds its shape).
+
+    Used by every path that picks one: ``dataset=``, the Lightning callback and the HF Trainer hook.
+    """
     if picked is None or result.example_index == picked.index:
         return result
+    if picked.total == 1:  # nothing was picked among others (an iterable loader's first sample)
+        return dataclasses.replace(result, example_index=picked.index)
     note = f"{result.note} " if result.note else ""
     return dataclasses.replace(result, example_index=picked.index, note=f"{note}{picked.describe().capitalize()}.")
 

@@ -28,7 +28,7 @@ from transformers.utils import logging
 from . import inputs
 from .accumulation import EffectivePlan, plan_effective_batch
 from .errors import AutobatchError
-from .probe import find_safe_batch_size
+from .probe import find_safe_batch_size, with_worst_case
 from .results import ProbeResult
 from .step import fork_rng
 
@@ -167,7 +167,7 @@ def _probe_training(trainer: Trainer, effective: int, options: dict[str, Any], m
             result = find_safe_batch_size(
                 training_step, model=model, optimizer=optimizer, requested=effective, **_for_step(options, "train")
             )
-    return _with_pick(result, picked)
+    return with_worst_case(result, picked)
 
 
 def _probe_evaluation(trainer: Trainer, options: dict[str, Any], max_samples: int) -> ProbeResult:
@@ -186,7 +186,7 @@ def _probe_evaluation(trainer: Trainer, options: dict[str, Any], max_samples: in
             result = find_safe_batch_size(prediction_step, model=model, mode="eval", **_for_step(options, "eval"))
     finally:
         model.train(was_training)
-    return _with_pick(result, picked)
+    return with_worst_case(result, picked)
 
 
 def _for_step(options: dict[str, Any], mode: str) -> dict[str, Any]:
@@ -197,8 +197,3 @@ def _for_step(options: dict[str, Any], mode: str) -> dict[str, Any]:
     if "cache_key" in options:
         options["cache_key"] = f"{options['cache_key']}:{mode}"
     return options
-
-
-def _with_pick(result: ProbeResult, picked: inputs.WorstCase) -> ProbeResult:
-    note = f"{result.note} {picked.describe().capitalize()}.".strip()
-    return dataclasses.replace(result, note=note, example_index=picked.index)
