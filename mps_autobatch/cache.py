@@ -38,7 +38,7 @@ from typing import Any
 import platformdirs
 
 from .errors import AutobatchWarning, first_line
-from .results import ProbeResult, Trial
+from .results import MemoryBreakdown, ProbeResult, Trial
 
 __all__ = ["cache_dir", "clear", "fingerprint", "load", "result_from_dict", "store"]
 
@@ -136,6 +136,8 @@ def result_from_dict(data: Mapping[str, Any]) -> ProbeResult:
     accumulation = data["accumulation"]
     fields["accumulation"] = None if accumulation is None else (int(accumulation[0]), int(accumulation[1]))
     fields["throughput"] = tuple((int(size), float(rate)) for size, rate in data.get("throughput", ()))
+    if data.get("breakdown") is not None:
+        fields["breakdown"] = MemoryBreakdown(**data["breakdown"])
     return ProbeResult(**fields)
 
 

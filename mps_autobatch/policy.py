@@ -55,6 +55,7 @@ __all__ = [
     "flat_span",
     "recommend",
     "stop_reason",
+    "tensor_line",
     "unreliable",
 ]
 
@@ -148,6 +149,17 @@ def _tensor_line(points: Sequence[Point], rest: Rest) -> tuple[float, float, boo
         slope = (y - rest.tensors) / x
         return (rest.tensors, slope, True) if slope > 0 else None
     return None
+
+
+def tensor_line(points: Sequence[Point]) -> tuple[float, float] | None:
+    """``(fixed, per_sample)`` of the tensor peak's straight line (the same line the decision draws), or None.
+
+    Example:
+        >>> tensor_line([Point(2, True, 140, 110), Point(16, True, 280, 180)])
+        (100.0, 5.0)
+    """
+    line = _tensor_line(points, Rest())
+    return None if line is None else (line[0], line[1])
 
 
 def _anchor(points: Sequence[Point], target: int) -> Point | None:

@@ -15,12 +15,13 @@ from torch import nn
 
 from . import distributed
 from ._units import parse_size
+from .breakdown import memory_breakdown
 from .devices import MemoryBackend, MemoryLimit, get_backend
 from .inputs import DEFAULT_MAX_SAMPLES, WorstCase, describe, worst_case
 from .results import ProbeResult, Trial
 from .search import search
 from .spec import ProbeSpec
-from .workload import OptimizerSpec, make_workload
+from .workload import OptimizerSpec, make_workload, model_and_optimizer
 
 __all__ = ["find_safe_batch_size", "module_fingerprint"]
 
@@ -365,7 +366,7 @@ def _probe(
     )
     try:
         with workload, backend.session(limit.bytes):
-            return search(
+            result = search(
                 workload,
                 backend,
                 limit,
@@ -379,6 +380,9 @@ def _probe(
                 objective=spec.objective,
                 on_trial=on_trial,
             )
+            result = dataclasses.replace(result, mode=spec.mode)
+            # While the probe's optimizer state still exists: the workload puts the caller's back on exit.
+            return dataclasses.replace(result, breakdown=memory_breakdown(result, *model_and_optimizer(workload)))
     except BaseException as exc:
         # The failed step's frames hold its batch and activations until the caller lets go of the error, and
         # would then land in the cache emptied below: free them now (the traceback keeps its lines).

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 
 from .accumulation import plan_accumulation
-from .results import ProbeResult, Trial
+from .results import MemoryBreakdown, ProbeResult, Trial
 
 if TYPE_CHECKING:  # matplotlib is optional and imported only when plotting
     from matplotlib.axes import Axes
 
-__all__ = ["plot", "summary_lines", "trials_table"]
+__all__ = ["breakdown_table", "plot", "summary_lines", "trials_table"]
 
 _GIB = 2**30
 _MIB = 2**20
@@ -93,6 +93,52 @@ def trials_table(result: ProbeResult) -> Table:
             f"Recommended {result.batch_size} was not probed: it keeps {result.headroom:.0%} headroom below "
             f"the max verified {result.max_batch_size}."
         )
+    return table
+
+
+def breakdown_table(result: ProbeResult) -> Table | None:
+    """Where the peak at the recommended size goes, one row per part, in MiB and as a share of the peak.
+
+    Example:
+        >>> import io
+        >>> from rich.console import Console
+        >>> from mps_autobatch.results import MemoryBreakdown, ProbeResult
+        >>> parts = MemoryBreakdown(batch_size=8, parameters_bytes=40 * _MIB, gradients_bytes=40 * _MIB,
+        ...     optimizer_state_bytes=80 * _MIB, buffers_bytes=0, activations_per_sample_bytes=10 * _MIB,
+        ...     activations_bytes=80 * _MIB, other_tensors_bytes=5 * _MIB, overhead_bytes=55 * _MIB,
+        ...     peak_bytes=300 * _MIB)
+        >>> r = ProbeResult(batch_size=8, max_batch_size=8, device="cpu", limit_bytes=4 * 2**30,
+        ...     limit_source="memory_limit", budget_bytes=3 * 2**30, headroom=0.25, fixed_bytes=None,
+        ...     per_sample_bytes=None, strategy="measure", note="", steps_per_trial=1, requested=None,
+        ...     accumulation=None, trials=(), elapsed_s=1.0, breakdown=parts)
+        >>> console = Console(record=True, width=140, file=io.StringIO())
+        >>> console.print(breakdown_table(r))
+        >>> text = console.export_text()
+        >>> "26.7%" in text, "10.0 MiB per sample" in text
+        (True, True)
+    """
+    parts = result.breakdown
+    if parts is None:
+        return None
+    table = Table(title=f"Memory at batch size {parts.batch_size} on {result.device}")
+    table.add_column("part")
+    table.add_column("MiB", justify="right")
+    table.add_column("% of peak", justify="right")
+    table.add_column("how it is known")
+    known = {
+        "activations": "tensor peak's slope"
+        + (
+            f", {parts.activations_per_sample_bytes / _MIB:.1f} MiB per sample"
+            if parts.activations_per_sample_bytes is not None
+            else " (one size: not known)"
+        ),
+        "other tensors": "the tensor peak minus the rows above",
+        "allocator and driver overhead": "the peak minus the tensor peak",
+    }
+    for label, size in parts.rows():
+        how = next((text for key, text in known.items() if label.startswith(key)), "exact, from the tensors")
+        table.add_row(label, f"{size / _MIB:.1f}", f"{100 * size / parts.peak_bytes:.1f}%", how)
+    table.add_row("peak", f"{parts.peak_bytes / _MIB:.1f}", "100.0%", "measured", style="bold")
     return table
 
 
@@ -173,10 +219,15 @@ def plot(result: ProbeResult, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(7, 4.5), dpi=100)
+    parts = result.breakdown
+    figure = Figure(figsize=(8.5 if parts else 7, 4.5), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    _draw(axes, result)
+    if parts is None:
+        _draw(figure.add_subplot(), result)
+    else:
+        axes, bar = figure.subplots(1, 2, width_ratios=[4, 1])
+        _draw(axes, result)
+        _draw_breakdown(bar, parts, result.limit_bytes)
     figure.tight_layout()
     out = Path(path)
     figure.savefig(out, format="png")
@@ -216,3 +267,16 @@ def _draw(axes: Axes, result: ProbeResult) -> None:
     axes.set_ylabel("peak memory (GiB)")
     axes.set_title(f"{result.device}: peak memory vs batch size")
     axes.legend(loc="lower right", fontsize="small")
+
+
+def _draw_breakdown(axes: Axes, parts: MemoryBreakdown, limit_bytes: int) -> None:
+    """One stacked bar: the peak at the recommended size by part, on the same scale as the main plot."""
+    bottom = 0.0
+    colors = ["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "0.6"]
+    for (label, size), color in zip(parts.rows(), colors):
+        axes.bar([0], [size / _GIB], bottom=bottom, color=color, label=label, width=0.6)
+        bottom += size / _GIB
+    axes.set_ylim(0, 1.1 * limit_bytes / _GIB)
+    axes.set_xticks([0], [f"at {parts.batch_size}"])
+    axes.set_title("where it goes", fontsize="small")
+    axes.legend(loc="upper center", fontsize="x-small", bbox_to_anchor=(0.5, -0.12))

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["Outcome", "ProbeResult", "Trial"]
+__all__ = ["MemoryBreakdown", "Outcome", "ProbeResult", "Trial"]
 
 Outcome = Literal["ok", "oom", "over_limit"]
 """How a trial ended: it ran within the limit, it raised an out-of-memory error, or it ran but its
@@ -50,6 +50,57 @@ class Trial:
 
 
 @dataclass(frozen=True, kw_only=True)
+class MemoryBreakdown:
+    """Where the peak of one step at ``batch_size`` (the recommended size) goes, in bytes.
+
+    The first four are exact, from the model and optimizer; ``activations_bytes`` is the tensor line's bytes
+    per sample times the batch; ``other_tensors_bytes`` the rest of the measured tensor peak (backward
+    temporaries, a workspace); ``overhead_bytes`` the measured peak minus the tensor peak (the allocator's
+    rounding and cache, and on MPS Metal and MPSGraph memory). They add up to ``peak_bytes``.
+
+    Attributes:
+        batch_size: the size the step was measured at.
+        parameters_bytes, gradients_bytes, optimizer_state_bytes, buffers_bytes: the model's and optimizer's.
+        activations_per_sample_bytes: the slope of the tensor peak over the sizes that fit (None with one size).
+        activations_bytes: ``activations_per_sample_bytes * batch_size``, at most what the tensor peak leaves.
+        other_tensors_bytes: the tensor peak minus all of the above.
+        overhead_bytes: the peak minus the tensor peak.
+        peak_bytes: the measured peak of the trial at ``batch_size``.
+    """
+
+    batch_size: int
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_state_bytes: int
+    buffers_bytes: int
+    activations_per_sample_bytes: int | None
+    activations_bytes: int
+    other_tensors_bytes: int
+    overhead_bytes: int
+    peak_bytes: int
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(label, bytes) in the order they add up to the peak.
+
+        Example:
+            >>> b = MemoryBreakdown(batch_size=8, parameters_bytes=40, gradients_bytes=40, optimizer_state_bytes=80,
+            ...     buffers_bytes=0, activations_per_sample_bytes=10, activations_bytes=80, other_tensors_bytes=5,
+            ...     overhead_bytes=55, peak_bytes=300)
+            >>> sum(n for _, n in b.rows()) == b.peak_bytes
+            True
+        """
+        return [
+            ("parameters", self.parameters_bytes),
+            ("gradients", self.gradients_bytes),
+            ("optimizer state", self.optimizer_state_bytes),
+            ("buffers", self.buffers_bytes),
+            (f"activations ({self.batch_size} samples)", self.activations_bytes),
+            ("other tensors (temporaries)", self.other_tensors_bytes),
+            ("allocator and driver overhead", self.overhead_bytes),
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
 class ProbeResult:
     """The answer of `find_safe_batch_size`, with every measurement behind it.
 
@@ -77,6 +128,8 @@ class ProbeResult:
         cached: the answer came from the probe cache (``cache=True``) rather than from trials run now.
         mode: "train" (the answer is the training micro-batch) or "eval" (the evaluation/inference batch).
         example_index: with ``dataset=``, the index of the worst-case sample the batches were built from.
+        breakdown: where the peak at the recommended size goes (`MemoryBreakdown`); None when the probe did not
+            see the model (a step function without ``model=``) or the size has no measured peak.
     """
 
     batch_size: int
@@ -101,6 +154,7 @@ class ProbeResult:
     cached: bool = False
     mode: Literal["train", "eval"] = "train"
     example_index: int | None = None
+    breakdown: MemoryBreakdown | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for JSON.

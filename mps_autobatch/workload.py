@@ -30,7 +30,15 @@ from torch.utils._pytree import tree_map
 from . import inputs as batches
 from .step import Amp, Rewind, TrainingStep, evaluation_output, fork_rng
 
-__all__ = ["OPTIMIZERS", "CallableWorkload", "ModuleWorkload", "OptimizerSpec", "Workload", "make_workload"]
+__all__ = [
+    "OPTIMIZERS",
+    "CallableWorkload",
+    "ModuleWorkload",
+    "OptimizerSpec",
+    "Workload",
+    "make_workload",
+    "model_and_optimizer",
+]
 
 OptimizerSpec = str | torch.optim.Optimizer | Callable[[Any], torch.optim.Optimizer]
 
@@ -327,6 +335,24 @@ def _make_optimizer(spec: OptimizerSpec, model: nn.Module) -> torch.optim.Optimi
     if callable(spec):
         return spec(model.parameters())
     raise TypeError(f"optimizer must be a name, an optimizer or a factory, got {spec!r}.")
+
+
+def model_and_optimizer(workload: Workload) -> tuple[nn.Module | None, torch.optim.Optimizer | None]:
+    """The model and optimizer a workload steps (None where it does not know them: a bare step function).
+
+    Example:
+        >>> work = ModuleWorkload(nn.Linear(4, 2), input_shape=(4,), num_classes=2, device=torch.device("cpu"))
+        >>> with work:
+        ...     model, optimizer = model_and_optimizer(work)
+        >>> type(model).__name__, type(optimizer).__name__
+        ('Linear', 'AdamW')
+    """
+    if isinstance(workload, ModuleWorkload):
+        step = workload.training_step
+        return workload.model, step.optimizer if step is not None else None
+    if isinstance(workload, CallableWorkload):
+        return workload._model, workload._optimizer
+    return None, None
 
 
 def make_workload(
