@@ -23,11 +23,12 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from .devices import CPUBackend
+from .devices import CPUBackend, MemoryBackend
+from .errors import AutobatchError
 from .step import AMP_DTYPES, TrainingStep
 from .workload import OPTIMIZERS, make_workload
 
-__all__ = ["Estimate", "estimate_grid", "estimate_peak", "measure_peak"]
+__all__ = ["Calibration", "Estimate", "calibrate", "estimate_grid", "estimate_peak", "measure_peak"]
 
 _CPU = torch.device("cpu")
 
@@ -117,11 +118,15 @@ def _fake_step(
     batch_size: int,
     num_classes: int,
     amp: str | None,
+    channels_last: bool = False,
 ) -> None:
     """The `TrainingStep` `ModuleWorkload.step` runs, on fake tensors (no GradScaler: its few scalars are noise)."""
     inputs = torch.randn(batch_size, *input_shape, device=_CPU)
     targets = torch.randint(num_classes, (batch_size,), device=_CPU)
-    TrainingStep(model, optimizer, nn.functional.cross_entropy, amp=amp, device=_CPU)(inputs, targets)
+    step = TrainingStep(
+        model, optimizer, nn.functional.cross_entropy, amp=amp, device=_CPU, channels_last=channels_last
+    )
+    step(inputs, targets)
 
 
 def _trace(
@@ -132,6 +137,7 @@ def _trace(
     num_classes: int,
     optimizer: str,
     amp: str | None,
+    channels_last: bool = False,
 ) -> list[Estimate]:
     _check_args(input_shapes, batch_sizes, num_classes, optimizer, amp)
     shapes = [tuple(shape) for shape in input_shapes]
@@ -143,17 +149,23 @@ def _trace(
     with torch.random.fork_rng(devices=[]):
         fake = _fake_model(model, mode)
         fake.train()
+        if channels_last:
+            # Module.to swaps parameters, which fake ones refuse: convert the 4-D weights in place instead.
+            with mode:
+                for param in fake.parameters():
+                    if param.dim() == 4:
+                        param.data = param.data.contiguous(memory_format=torch.channels_last)
         with mode:
             opt = OPTIMIZERS[optimizer](fake.parameters())
             # An untracked first step creates the optimizer state, so every traced step is a steady one.
-            _fake_step(fake, opt, *points[0], num_classes, amp)
+            _fake_step(fake, opt, *points[0], num_classes, amp, channels_last)
         estimates = []
         for shape, batch_size in points:
             # A fresh tracker per step: its peak starts from what is live now (params, buffers, state).
             tracker = MemTracker()
             tracker.track_external(fake, opt)
             with mode, tracker:
-                _fake_step(fake, opt, shape, batch_size, num_classes, amp)
+                _fake_step(fake, opt, shape, batch_size, num_classes, amp, channels_last)
             peak = tracker.get_tracker_snapshot("peak").get(_CPU, {}).get("Total", 0)
             estimates.append(Estimate(batch_size=batch_size, input_shape=shape, peak_bytes=int(peak)))
     return estimates
@@ -219,6 +231,7 @@ def estimate_grid(
     num_classes: int,
     optimizer: str = "adamw",
     amp: str | None = None,
+    channels_last: bool = False,
 ) -> list[Estimate]:
     """Predict the peak for every input shape and batch size, building the fake model only once.
 
@@ -232,6 +245,7 @@ def estimate_grid(
         num_classes: classes for the synthetic targets.
         optimizer: "adamw", "adam" or "sgd".
         amp: None, "bf16" or "fp16".
+        channels_last: the model and image batches in the channels-last memory format.
 
     Returns:
         One `Estimate` per (input shape, batch size), shapes in the outer loop, in the order given.
@@ -255,6 +269,7 @@ def estimate_grid(
         num_classes=num_classes,
         optimizer=optimizer,
         amp=amp,
+        channels_last=channels_last,
     )
 
 
@@ -293,3 +308,118 @@ def measure_peak(
         with backend.measure() as window:
             workload.step(batch_size)
     return window.peak_bytes or 0
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What a device holds beyond the dry run's tensors, as a fixed amount plus an amount per sample.
+
+    The dry run counts a step's tensors exactly at any size; what the device adds on top is mostly fixed
+    (Metal and MPSGraph memory, the CUDA context, what the allocator keeps at rest) plus its cache and
+    rounding, which grow with what a step allocates and frees, so with the batch: one factor measured at one
+    size goes wrong away from it; two real steps give both parts.
+
+    Attributes:
+        fixed_bytes: the overhead at zero samples (may be negative: rounding of the two readings).
+        per_sample_bytes: the overhead each sample adds.
+        sizes: the batch sizes of the two real steps.
+        measured_bytes: their measured device peaks.
+        tensor_bytes: the dry run's tensor peaks at the same sizes.
+    """
+
+    fixed_bytes: int
+    per_sample_bytes: float
+    sizes: tuple[int, int]
+    measured_bytes: tuple[int, int]
+    tensor_bytes: tuple[int, int]
+
+    @property
+    def tensor_bytes_per_sample(self) -> float:
+        """The dry run's tensor bytes per sample between the two sizes (what ``overhead_scale`` compares with)."""
+        return (self.tensor_bytes[1] - self.tensor_bytes[0]) / (self.sizes[1] - self.sizes[0])
+
+    def peak(self, tensor_bytes: int, batch_size: int, overhead_scale: float = 1.0) -> int:
+        """The device peak of a step whose dry run counts ``tensor_bytes`` at ``batch_size``.
+
+        ``overhead_scale``: how much more a sample of this step allocates and frees than one of the calibrated
+        step (its activations per sample over theirs), for another input size or setting.
+
+        Example:
+            >>> c = Calibration(fixed_bytes=100, per_sample_bytes=5.0, sizes=(8, 16), measured_bytes=(400, 700),
+            ...                 tensor_bytes=(260, 520))
+            >>> c.peak(1000, 32), c.peak(1000, 32, overhead_scale=2.0)
+            (1260, 1420)
+        """
+        return int(tensor_bytes + self.fixed_bytes + self.per_sample_bytes * overhead_scale * batch_size)
+
+
+def calibrate(
+    model_factory: Callable[[], nn.Module],
+    device: MemoryBackend,
+    *,
+    input_shape: Sequence[int],
+    batch_size: int,
+    num_classes: int,
+    optimizer: str = "adamw",
+    amp: str | None = None,
+) -> Calibration:
+    """Two real steps, at ``batch_size`` and twice it, against the dry run at the same sizes: a `Calibration`.
+
+    Each step runs as a probe's trial does (after a warm-up, from an empty cache) and its device peak is
+    read; the overhead (device peak minus the dry run's tensors) at the two sizes gives its fixed part and
+    its part per sample.
+
+    Raises:
+        AutobatchError: the device read no memory, or the two steps read the same.
+
+    Example:
+        >>> from mps_autobatch.simulate import simulated_backend
+        >>> factory = lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
+        >>> c = calibrate(factory, simulated_backend("mps:16GiB"), input_shape=(3, 4, 4), batch_size=64,
+        ...               num_classes=10)
+        >>> c.sizes, c.fixed_bytes > 64 * 2**20  # Metal's other allocations are fixed
+        ((64, 128), True)
+    """
+    from .workload import make_workload
+
+    sizes = (batch_size, 2 * batch_size)
+    estimates = estimate_grid(
+        model_factory,
+        input_shapes=[tuple(input_shape)],
+        batch_sizes=list(sizes),
+        num_classes=num_classes,
+        optimizer=optimizer,
+        amp=amp,
+    )
+    workload = make_workload(
+        model_factory(),
+        device=device.device,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        optimizer=optimizer,
+        amp=amp,  # type: ignore[arg-type]
+    )
+    measured = []
+    with workload, device.session(device.limit().bytes):
+        workload.warm_up(min(2, batch_size))
+        for size in sizes:
+            device.clear_cache()
+            with device.measure() as window:
+                workload.step(size)
+            if window.peak_bytes is None:
+                raise AutobatchError(f"{device.name} reported no memory for the calibration step; drop --calibrate.")
+            measured.append(window.peak_bytes)
+    (e1, e2), (p1, p2) = (e.peak_bytes for e in estimates), measured
+    if p2 == p1:
+        raise AutobatchError(
+            f"The calibration steps at {sizes[0]} and {sizes[1]} read the same memory on {device.name}: the step's "
+            "memory does not grow with the batch there. Calibrate at a larger --batch-size."
+        )
+    per_sample = ((p2 - e2) - (p1 - e1)) / (sizes[1] - sizes[0])
+    return Calibration(
+        fixed_bytes=int(p1 - e1 - per_sample * sizes[0]),
+        per_sample_bytes=per_sample,
+        sizes=sizes,
+        measured_bytes=(p1, p2),
+        tensor_bytes=(e1, e2),
+    )

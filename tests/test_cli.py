@@ -146,16 +146,17 @@ def test_estimate_prints_a_table_per_image_and_batch_size():
     ]  # fmt: skip
 
 
-def test_estimate_calibrates_against_one_real_step_on_the_simulated_mac():
-    result = runner.invoke(
-        app,
-        ["estimate", "--model", "test_efficientnet", "--num-classes", "10", "--image-size", "64", "--batch-size",
-         "4", "--calibrate", "--simulate", "mps:16GiB"],
-    )  # fmt: skip
+def test_estimate_calibrates_against_two_real_steps_on_the_simulated_mac():
+    args = ["estimate", "--model", "test_efficientnet", "--num-classes", "10", "--image-size", "64", "--batch-size",
+            "4", "--batch-size", "16", "--calibrate", "--simulate", "mps:16GiB"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--json"])
     assert result.exit_code == 0, result.output
-    factor = float(result.stdout.split("calibrated (x")[1].split(")")[0])
+    rows = json.loads(result.stdout)["estimates"]
+    assert [(r["image_size"], r["batch_size"]) for r in rows] == [(64, 4), (64, 16)]
     # Driver memory holds the allocator's rounding, its cache and 64 MiB of other allocations on top of tensors.
-    assert factor > 1.5
+    assert all(r["calibrated_bytes"] > r["tensor_bytes"] + 64 * 2**20 for r in rows)
+    text = runner.invoke(app, args)
+    assert "Calibrated on real steps at 4 and 8: device peak = tensors + " in " ".join(text.stdout.split())
 
 
 def test_plot_without_matplotlib_is_one_line_saying_how_to_install_it(tmp_path, monkeypatch):
