@@ -23,8 +23,11 @@ if TYPE_CHECKING:
     from .explain import OOMExplanation as OOMExplanation
     from .explain import explain_oom as explain_oom
     from .isolate import find_safe_batch_size_isolated as find_safe_batch_size_isolated
+    from .levers import Advice as Advice
+    from .levers import advise as advise
     from .oom import is_oom_error as is_oom_error
     from .probe import find_safe_batch_size as find_safe_batch_size
+    from .results import MemoryBreakdown as MemoryBreakdown
     from .results import ProbeResult as ProbeResult
     from .results import Trial as Trial
     from .spec import ProbeSpec as ProbeSpec
@@ -32,13 +35,16 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "Advice",
     "AutobatchError",
     "AutobatchWarning",
+    "MemoryBreakdown",
     "NoBatchSizeFits",
     "OOMExplanation",
     "ProbeResult",
     "ProbeSpec",
     "Trial",
+    "advise",
     "explain_oom",
     "find_safe_batch_size",
     "find_safe_batch_size_isolated",
@@ -48,13 +54,16 @@ __all__ = [
 
 # Where each public name lives.
 _HOMES = {
+    "Advice": "levers",
     "AutobatchError": "errors",
     "AutobatchWarning": "errors",
+    "MemoryBreakdown": "results",
     "NoBatchSizeFits": "errors",
     "OOMExplanation": "explain",
     "ProbeResult": "results",
     "ProbeSpec": "spec",
     "Trial": "results",
+    "advise": "levers",
     "explain_oom": "explain",
     "find_safe_batch_size": "probe",
     "find_safe_batch_size_isolated": "isolate",

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
+from ._cli_advise import register as register_advise
 from ._cli_common import (
     DeviceOpt,
     ImageSizeOpt,
@@ -26,13 +26,12 @@ from ._cli_common import (
 )
 from ._cli_explain import register as register_explain
 from ._units import parse_size
-from .errors import AutobatchError
 from .models import check_model_name, create_model
 from .spec import ProbeSpec
 from .train.commands import register as register_trainer
 
 if TYPE_CHECKING:
-    from .devices import MemoryBackend
+    pass
 
 __all__ = ["app"]
 
@@ -106,6 +105,14 @@ def probe(
         str, typer.Option(help="memory: the largest size that fits; throughput: the knee of samples/s.")
     ] = "memory",
     plot: Annotated[str | None, typer.Option(help="Write a PNG of peak memory against batch size.")] = None,
+    breakdown: Annotated[
+        bool,
+        typer.Option(
+            "--breakdown",
+            help="Also show where the memory at the recommended size goes: parameters, gradients, optimizer state, "
+            "buffers, activations, allocator overhead.",
+        ),
+    ] = False,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Probe even if a cached answer exists.")] = False,
     isolate: Annotated[
         bool | None,
@@ -179,11 +186,17 @@ def probe(
     if as_json:
         typer.echo(json.dumps({"model": model, "image_size": image_size, **result.to_dict()}, indent=2))
         return
-    from .report import summary_lines, trials_table
+    from .report import breakdown_table, summary_lines, trials_table
 
     if cached:
         err.print("[dim]From the cache (run with --no-cache to probe again).[/dim]")
     err.print(trials_table(result))
+    parts = breakdown_table(result) if breakdown else None
+    if parts is not None:
+        err.print(parts)
+    elif breakdown:
+        why = "this cached answer has none (--no-cache probes again)" if cached else "the size has no measured peak"
+        err.print(f"No breakdown: {why}.", highlight=False, markup=False)
     for line in summary_lines(result):
         err.print(line, highlight=False, markup=False)
     if plot is not None:
@@ -223,16 +236,21 @@ def estimate(
     optimizer: Annotated[str, typer.Option(help="adamw, adam or sgd.")] = "adamw",
     amp: Annotated[str | None, typer.Option(help="Mixed precision: bf16 or fp16.")] = None,
     calibrate: Annotated[
-        bool, typer.Option(help="Run one real small step on the device and scale the predictions to it.")
+        bool,
+        typer.Option(
+            help="Run two real small steps (the first --batch-size and twice it) on the device and predict its peak "
+            "as a fixed amount plus a ratio of the tensor bytes."
+        ),
     ] = False,
     device: DeviceOpt = "auto",
     simulate: SimulateOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the predictions as JSON on stdout.")] = False,
 ) -> None:
     """Predict the peak memory of a training step without running it (a dry run on fake tensors).
 
     Traces forward, backward and the optimizer step under FakeTensorMode and counts tensor memory, for
     every image size and batch size given. Allocator caches and device overheads are not in a dry run:
-    --calibrate measures one real step and reports the factor between the two.
+    --calibrate measures two real steps and predicts the device's peak from them.
     """
     from rich.table import Table
 
@@ -244,6 +262,7 @@ def estimate(
         if min(sizes) < 8:
             raise _BadInput(f"--image-size must be >= 8 pixels, got {min(sizes)}. Pass e.g. --image-size 224.")
         check_model_name(model)
+        from .estimate import calibrate as calibrate_on
         from .estimate import estimate_grid
 
         factory = functools.partial(create_model, model, num_classes)
@@ -255,48 +274,71 @@ def estimate(
             optimizer=optimizer,
             amp=amp,
         )
-        factor = None
+        calibration = None
         if calibrate:
-            factor = _calibration_factor(factory, estimates[0], _backend(device, simulate), num_classes, optimizer, amp)
+            from .devices import get_backend
+
+            calibration = calibrate_on(
+                factory,
+                get_backend(_backend(device, simulate)),
+                input_shape=estimates[0].input_shape,
+                batch_size=estimates[0].batch_size,
+                num_classes=num_classes,
+                optimizer=optimizer,
+                amp=amp,
+            )
+    calibrated = _calibrated(estimates, calibration) if calibration is not None else {}
+    if as_json:
+        rows = [
+            {
+                "image_size": item.input_shape[-1],
+                "batch_size": item.batch_size,
+                "tensor_bytes": item.peak_bytes,
+                "calibrated_bytes": calibrated.get(id(item)),
+            }
+            for item in estimates
+        ]
+        typer.echo(json.dumps({"model": model, "optimizer": optimizer, "amp": amp, "estimates": rows}, indent=2))
+        return
     table = Table(title=f"Predicted peak memory of one {model} training step ({optimizer})")
     table.add_column("image size", justify="right")
     table.add_column("batch size", justify="right")
     table.add_column("tensors", justify="right")
-    if factor is not None:
-        table.add_column(f"calibrated (x{factor:.2f})", justify="right")
+    if calibration is not None:
+        table.add_column("device peak (calibrated)", justify="right")
+        table.caption = (
+            f"Calibrated on real steps at {calibration.sizes[0]} and {calibration.sizes[1]}: device peak = tensors + "
+            f"{format_bytes(calibration.fixed_bytes)} + {format_bytes(int(calibration.per_sample_bytes))} per sample"
+            " (per sample scaled by each input size's tensor bytes per sample)"
+        )
     for item in estimates:
         row = [str(item.input_shape[-1]), str(item.batch_size), format_bytes(item.peak_bytes)]
-        if factor is not None:
-            row.append(format_bytes(int(item.peak_bytes * factor)))
+        if calibration is not None:
+            row.append(format_bytes(calibrated[id(item)]))
         table.add_row(*row)
     Console().print(table)
 
 
-def _calibration_factor(
-    factory: Callable[[], Any], first: Any, device: str | MemoryBackend, num_classes: int, optimizer: str, amp: Any
-) -> float:
-    """Measured peak of one real step at the first estimate's size, divided by the estimate."""
-    from .devices import get_backend
-    from .workload import make_workload
-
-    backend = get_backend(device)
-    workload = make_workload(
-        factory(),
-        device=backend.device,
-        input_shape=first.input_shape,
-        num_classes=num_classes,
-        optimizer=optimizer,
-        amp=amp,
-    )
-    with workload, backend.session(backend.limit().bytes):
-        workload.warm_up(min(2, first.batch_size))
-        backend.clear_cache()
-        with backend.measure() as window:
-            workload.step(first.batch_size)
-    if window.peak_bytes is None:
-        raise AutobatchError(f"{backend.name} reported no memory for the calibration step; drop --calibrate.")
-    return window.peak_bytes / first.peak_bytes
+def _calibrated(estimates: list[Any], calibration: Any) -> dict[int, int]:
+    """Each estimate's calibrated device peak: its overhead per sample scaled by its input size's tensor bytes per
+    sample (from the grid's batch sizes; by pixels when only one batch size was asked for)."""
+    first = estimates[0].input_shape
+    by_shape: dict[tuple[int, ...], list[Any]] = {}
+    for item in estimates:
+        by_shape.setdefault(item.input_shape, []).append(item)
+    scales: dict[tuple[int, ...], float] = {}
+    for shape, items in by_shape.items():
+        low, high = min(items, key=lambda e: e.batch_size), max(items, key=lambda e: e.batch_size)
+        if high.batch_size > low.batch_size and calibration.tensor_bytes_per_sample > 0:
+            slope = (high.peak_bytes - low.peak_bytes) / (high.batch_size - low.batch_size)
+            scales[shape] = slope / calibration.tensor_bytes_per_sample
+        else:
+            scales[shape] = (shape[-1] * shape[-2]) / (first[-1] * first[-2])
+    if len(by_shape[first]) > 1:
+        scales = {shape: scale / scales[first] for shape, scale in scales.items()}  # the calibrated shape is 1
+    return {id(e): calibration.peak(e.peak_bytes, e.batch_size, scales[e.input_shape]) for e in estimates}
 
 
 register_trainer(app)
 register_explain(app)
+register_advise(app)
