@@ -2,6 +2,10 @@ import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers is imported by tests and doctests: never the network
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one OpenMP thread each (and in the processes they spawn), or their threads
+    # spin-wait on each other (see one_torch_thread below).
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 import pytest  # noqa: E402
