@@ -3,10 +3,10 @@
 A lever is one change to the training step: the model's own input size, bf16 or fp16 autocast, the
 channels-last layout, SGD instead of Adam(W), or timm's gradient checkpointing. Each is predicted, not run:
 the dry run (`mps_autobatch.estimate`) counts the step's tensor bytes with the lever applied, exactly, and one
-calibration on the device as given (two small real steps, `estimate.calibrate`) adds what the device holds on
-top (a fixed amount plus an amount per sample, scaled by the lever's tensor bytes per sample). The largest
-batch is where the sum meets the budget; the
-dry run is traced again near it, since a step's tensor peak bends where a new phase takes over. With
+calibration of the step as given (two real steps near its own answer, `estimate.calibrate`: the allocator's
+cache grows with the batch) adds what the device holds on top, a fixed amount plus an amount per sample
+scaled by the lever's tensor bytes per sample. The largest batch is where the sum meets the budget; the dry
+run is traced again near it, since a step's tensor peak bends where a new phase takes over. With
 ``verify=True`` the top three are probed for real (`find_safe_batch_size`).
 """
 
