@@ -49,7 +49,6 @@ def memory_breakdown(
 
     Example:
         >>> from mps_autobatch import find_safe_batch_size
-        >>> from mps_autobatch.workload import ModuleWorkload
         >>> model = nn.Linear(64, 4)
         >>> result = find_safe_batch_size(model, input_shape=(64,), num_classes=4, device="cpu",
         ...                               memory_limit=2**20, cache=False)
@@ -59,7 +58,7 @@ def memory_breakdown(
     trial = next((t for t in reversed(result.trials) if t.ok and t.batch_size == result.batch_size), None)
     if model is None or trial is None or trial.peak_bytes is None:
         return None
-    parameters = [p for p in model.parameters()]
+    parameters = list(model.parameters())
     state = _optimizer_state(optimizer)
     fixed = {
         "parameters_bytes": tensor_bytes(parameters),
