@@ -281,8 +281,9 @@ def advise(
             optimizer=optimizer,
         )
 
-    tensors_only = Calibration(0, 0.0, (1, 2), (0, 0), (0, 1))
-    calibration = calibrated_at(_largest(_tensor_line(model, num_classes, given, (1, 2)), tensors_only, budget) // 8)
+    fixed, per_sample = _tensor_line(model, num_classes, given, (1, 2))
+    tensors_alone = max(0, math.floor((budget - fixed) / per_sample)) if per_sample > 0 else 0
+    calibration = calibrated_at(tensors_alone // 8)
     near = _predict(model, num_classes, given, calibration, budget)[0] // 2
     if near > calibration.sizes[0]:
         calibration = calibrated_at(near)
