@@ -26,12 +26,10 @@ Example:
 
 from __future__ import annotations
 
-import bisect
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Literal
 
 import psutil
@@ -40,6 +38,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ._tracking import StorageBook
 from ._units import format_bytes, parse_size
+from .allocator import MPS_ALLOCATOR, AllocatorModel, Buffer, CachingAllocator
 from .devices import (
     MPS_DEFAULT_HIGH_WATERMARK_RATIO,
     MPS_WATERMARK_ENV,
@@ -49,45 +48,6 @@ from .devices import (
 __all__ = ["ALLOCATOR_VARIANTS", "AllocatorModel", "SimulatedMPS", "SimulatedMPSBackend", "simulated_backend"]
 
 KiB, MiB, GiB = 2**10, 2**20, 2**30
-
-
-@dataclass(frozen=True)
-class AllocatorModel:
-    """The allocator's constants and rules; the defaults are MPSAllocator.h's (kMaxSmallAlloc, kRoundLarge, ...).
-
-    A search that is right here must stay right when rounding, reuse, caching or other allocations behave
-    otherwise, so each rule below has a variant (`ALLOCATOR_VARIANTS` names them), imitating what PyTorch's
-    allocators do in some version, mode or machine.
-
-    Attributes:
-        page_bytes: small buffers are rounded up to this (the 16 KiB page of Apple silicon).
-        small_max_bytes: the largest "small" buffer.
-        large_round_bytes: large buffers are rounded up to this.
-        large_rounding: "fixed" rounds large buffers up to ``large_round_bytes``; "power_of_two" up to the next
-            power of two, as heaps sized in powers of two hold them (MTLHeap sizes; the CUDA caching allocator's
-            ``roundup_power2_divisions`` in PYTORCH_CUDA_ALLOC_CONF does the same to block sizes).
-        reuse: which cached buffer serves a request. "slack": one of the same pool at most
-            ``reuse_slack_bytes`` larger (kLargeHeap's slack); "best_fit_2x": the smallest of the same pool at
-            most twice the request, as MPSAllocator's get_free_buffer takes the smallest cached buffer at least
-            as large (``available_buffers.lower_bound``) and a heap serves any request that fits in it.
-        reuse_slack_bytes: the slack of ``reuse="slack"``.
-        other_bytes: driver memory outside PyTorch's heaps (Metal, MPSGraph), present from the start.
-        graph_bytes_per_shape: driver memory added per new (op, input shapes) signature, as MPSGraph
-            caches grow with distinct shapes (pytorch/pytorch#132596); never released by ``empty_cache``.
-        flush_at: the fraction of the limit past which the allocator releases its cached buffers before
-            growing (MPSAllocator.mm's malloc: ``garbage_collect_cached_buffers`` under memory pressure, past the
-            low watermark); 1.0: only when the limit itself would be passed, just before failing.
-    """
-
-    page_bytes: int = 16 * KiB
-    small_max_bytes: int = 1 * MiB
-    large_round_bytes: int = 2 * MiB
-    large_rounding: Literal["fixed", "power_of_two"] = "fixed"
-    reuse: Literal["slack", "best_fit_2x"] = "slack"
-    reuse_slack_bytes: int = 32 * MiB
-    other_bytes: int = 64 * MiB
-    graph_bytes_per_shape: int = 0
-    flush_at: float = 1.0
 
 
 ALLOCATOR_VARIANTS: dict[str, AllocatorModel] = {
@@ -100,10 +60,6 @@ ALLOCATOR_VARIANTS: dict[str, AllocatorModel] = {
 """The allocator variants by name, (a) to (e): today's model; best-fit reuse up to 2x; power-of-two heaps; other
 allocations that grow with each distinct input shape; a cache flush past 90 % of the limit. ``--simulate
 mps:16GiB:pow2-heaps`` picks one; ``mps:16GiB`` is "default"."""
-
-
-def _round_up(size: int, step: int) -> int:
-    return -(-size // step) * step
 
 
 def _mps_format_size(size: int, units: Literal["GiB", "GB"]) -> str:
@@ -144,14 +100,7 @@ class _Accelerator:
 
     def reset_peak_memory_stats(self, device_index: object = None, /) -> None:
         self._check()
-        self._sim._peak_live = self._sim._live
-
-
-class _Buffer:
-    __slots__ = ("size",)
-
-    def __init__(self, size: int) -> None:
-        self.size = size
+        self._sim._peak_live = self._sim.current_allocated_memory()
 
 
 class SimulatedMPS:
@@ -175,7 +124,7 @@ class SimulatedMPS:
         *,
         recommended_max_bytes: int | None = None,
         system_used_bytes: int | None = None,
-        allocator: AllocatorModel = AllocatorModel(),
+        allocator: AllocatorModel = MPS_ALLOCATOR,
         error_style: Literal["mps", "cuda"] = "mps",
         peak_stats: bool = True,
         units: Literal["GiB", "GB"] = "GiB",
@@ -193,11 +142,9 @@ class SimulatedMPS:
         # strtod reads an unparsable value as 0.0, which disables the limit.
         raw = os.environ.get(MPS_WATERMARK_ENV)
         self._ratio = MPS_DEFAULT_HIGH_WATERMARK_RATIO if raw is None else _strtod(raw)
-        self._live = 0
+        self._books = CachingAllocator(allocator)
         self._peak_live = 0
-        self._heaps = 0
         self._graph_bytes = 0
-        self._cache: list[tuple[int, int, _Buffer]] = []  # sorted (size, id, buffer)
         self._shapes: set[tuple[object, ...]] = set()
         self._book: StorageBook | None = None
         # Every storage booked on this device, across sessions: a buffer is allocated once, as on a real device.
@@ -209,11 +156,11 @@ class SimulatedMPS:
     # --- the torch.mps API ---------------------------------------------------------------------------
     def current_allocated_memory(self) -> int:
         """Bytes of live buffers (rounded), like ``torch.mps.current_allocated_memory``."""
-        return self._live
+        return self._books.live_bytes
 
     def driver_allocated_memory(self) -> int:
         """Heaps (live and cached buffers) plus other allocations, like ``torch.mps.driver_allocated_memory``."""
-        return self._heaps + self.allocator.other_bytes + self._graph_bytes
+        return self._books.heap_bytes + self.allocator.other_bytes + self._graph_bytes
 
     def recommended_max_memory(self) -> int:
         return self.recommended_max_bytes
@@ -227,8 +174,7 @@ class SimulatedMPS:
         self._ratio = fraction
 
     def empty_cache(self) -> None:
-        self._heaps -= sum(size for size, _, _ in self._cache)
-        self._cache.clear()
+        self._books.empty_cache()
 
     def synchronize(self) -> None:
         """Compute is synchronous on the CPU: nothing to wait for."""
@@ -283,57 +229,33 @@ class SimulatedMPS:
             self._book = None
 
     # --- the allocator ---------------------------------------------------------------------------------
-    def _size_class(self, nbytes: int) -> int:
-        model = self.allocator
-        if nbytes <= model.small_max_bytes:
-            return _round_up(max(nbytes, 1), model.page_bytes)
-        if model.large_rounding == "power_of_two":
-            return 1 << (nbytes - 1).bit_length()
-        return _round_up(nbytes, model.large_round_bytes)
-
     def _over_limit(self, size: int, fraction: float = 1.0) -> bool:
         limit = self.limit_bytes
         return limit is not None and self.driver_allocated_memory() + size > fraction * limit
 
-    def _allocate(self, nbytes: int) -> _Buffer:
-        size = self._size_class(nbytes)
-        buffer = None if self._over_limit(size) else self._reuse(size)
+    def _allocate(self, nbytes: int) -> Buffer:
+        books = self._books
+        size = books.size_class(nbytes)
+        buffer = None if self._over_limit(size) else books.take_cached(size)
         if buffer is None:
             if (
                 self._over_limit(size, self.allocator.flush_at)
                 or self.driver_allocated_memory() + size > self.memory_bytes
             ):
-                if self._cache:
+                if books.cached_bytes:
                     self.flushes += 1
                 self.empty_cache()  # MPSAllocator releases its cached buffers before growing past the limit
             if self._over_limit(size) or self.driver_allocated_memory() + size > self.memory_bytes:
                 self.oom_count += 1
                 raise self._out_of_memory(size, nbytes)
-            buffer = _Buffer(size)
-            self._heaps += size
-        self._live += buffer.size
-        self._peak_live = max(self._peak_live, self._live)
+            buffer = books.grow(size)
+        self._peak_live = max(self._peak_live, books.live_bytes)
         self._high_water = max(self._high_water, self.driver_allocated_memory())
         return buffer
 
-    def _reuse(self, size: int) -> _Buffer | None:
-        # Small and large buffers live in separate pools (MPSAllocator's get_pool): a small request is
-        # never served from a large cached buffer, and a large one only within the slack (or twice its size).
-        index = bisect.bisect_left(self._cache, (size, -1))
-        if index == len(self._cache):
-            return None
-        cached = self._cache[index][0]
-        small = self.allocator.small_max_bytes
-        same_pool = (cached <= small) == (size <= small)
-        most = 2 * size if self.allocator.reuse == "best_fit_2x" else size + self.allocator.reuse_slack_bytes
-        if same_pool and cached <= most:
-            return self._cache.pop(index)[2]
-        return None
-
     def _release(self, buffer: object) -> None:
-        assert isinstance(buffer, _Buffer)
-        self._live -= buffer.size
-        bisect.insort(self._cache, (buffer.size, id(buffer), buffer))
+        assert isinstance(buffer, Buffer)
+        self._books.release(buffer)
 
     def _see_op(self, func: object, args: tuple[object, ...]) -> None:
         if not self.allocator.graph_bytes_per_shape:
@@ -346,14 +268,14 @@ class SimulatedMPS:
     def _out_of_memory(self, size: int, nbytes: int) -> Exception:
         fmt = lambda n: _mps_format_size(n, self.units)  # noqa: E731
         pool = "shared" if nbytes <= 8 else "private"
-        heaps, driver = self._heaps, self.driver_allocated_memory()
+        heaps, live, driver = self._books.heap_bytes, self._books.live_bytes, self.driver_allocated_memory()
         if self.error_style == "cuda":
             free = max(self.memory_bytes - driver, 0)
             return torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate {fmt(size)}. GPU 0 has a total capacity of "
                 f"{fmt(self.limit_bytes or self.memory_bytes)} of which {fmt(free)} is free. Including "
                 f"non-PyTorch memory, this process has {fmt(driver)} memory in use. Of the allocated memory "
-                f"{fmt(self._live)} is allocated by PyTorch, and {fmt(heaps - self._live)} is reserved by "
+                f"{fmt(live)} is allocated by PyTorch, and {fmt(heaps - live)} is reserved by "
                 "PyTorch but unallocated."
             )
         if self.limit_bytes is None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mps_autobatch import find_safe_batch_size
+from mps_autobatch.allocator import CachingAllocator
 from mps_autobatch.simulate import (
     ALLOCATOR_VARIANTS,
     AllocatorModel,
@@ -51,8 +52,8 @@ class _HighWaterBackend(SimulatedMPSBackend):
 
 
 def _sizes(allocator: AllocatorModel, nbytes: list[int]) -> list[int]:
-    sim = SimulatedMPS(16 * 2**30, allocator=allocator)
-    return [sim._size_class(n) for n in nbytes]
+    books = CachingAllocator(allocator)
+    return [books.size_class(n) for n in nbytes]
 
 
 def test_power_of_two_heaps_round_large_buffers_up_to_a_power_of_two():
