@@ -65,7 +65,7 @@ class StorageBook(TorchDispatchMode):
     def __init__(
         self,
         on_alloc: Callable[[int], object],
-        on_free: Callable[[object], None],
+        on_free: Callable[[Any], None],
         *,
         adopt_inputs: Literal["all", "resident", "none"],
         seen: WeakIdKeyDictionary | None = None,

@@ -238,8 +238,8 @@ def estimate(
     calibrate: Annotated[
         bool,
         typer.Option(
-            help="Run two real small steps (the first --batch-size and twice it) on the device and predict its peak "
-            "as a fixed amount plus a ratio of the tensor bytes."
+            help="Run two real small steps (the first --batch-size and twice it) on the device and predict its peak: "
+            "the dry run with the device's allocator rules replayed, plus what the two steps held beyond it."
         ),
     ] = False,
     device: DeviceOpt = "auto",
@@ -262,10 +262,12 @@ def estimate(
         if min(sizes) < 8:
             raise _BadInput(f"--image-size must be >= 8 pixels, got {min(sizes)}. Pass e.g. --image-size 224.")
         check_model_name(model)
+        from .devices import get_backend
         from .estimate import calibrate as calibrate_on
         from .estimate import estimate_grid
 
         factory = functools.partial(create_model, model, num_classes)
+        backend = get_backend(_backend(device, simulate)) if calibrate else None
         estimates = estimate_grid(
             factory,
             input_shapes=[(3, s, s) for s in sizes],
@@ -273,14 +275,13 @@ def estimate(
             num_classes=num_classes,
             optimizer=optimizer,
             amp=amp,
+            allocator=backend.allocator_rules if backend is not None else None,
         )
         calibration = None
-        if calibrate:
-            from .devices import get_backend
-
+        if backend is not None:
             calibration = calibrate_on(
                 factory,
-                get_backend(_backend(device, simulate)),
+                backend,
                 input_shape=estimates[0].input_shape,
                 batch_size=estimates[0].batch_size,
                 num_classes=num_classes,
@@ -294,6 +295,7 @@ def estimate(
                 "image_size": item.input_shape[-1],
                 "batch_size": item.batch_size,
                 "tensor_bytes": item.peak_bytes,
+                "allocator_bytes": item.allocator_bytes,
                 "calibrated_bytes": calibrated.get(id(item)),
             }
             for item in estimates
@@ -304,15 +306,22 @@ def estimate(
     table.add_column("image size", justify="right")
     table.add_column("batch size", justify="right")
     table.add_column("tensors", justify="right")
+    replayed = calibration is not None and calibration.allocator is not None
+    if replayed:
+        table.add_column("+ allocator", justify="right")
     if calibration is not None:
         table.add_column("device peak (calibrated)", justify="right")
+        model_text = "tensors with the allocator's rounding and cache" if replayed else "tensors"
         table.caption = (
-            f"Calibrated on real steps at {calibration.sizes[0]} and {calibration.sizes[1]}: device peak = tensors + "
-            f"{format_bytes(calibration.fixed_bytes)} + {format_bytes(int(calibration.per_sample_bytes))} per sample"
-            " (per sample scaled by each input size's tensor bytes per sample)"
+            f"Calibrated on real steps at {calibration.sizes[0]} and {calibration.sizes[1]}: device peak = "
+            f"{model_text} + {format_bytes(calibration.fixed_bytes)} + "
+            f"{format_bytes(int(calibration.per_sample_bytes))} per sample (per sample scaled by each input size's "
+            "bytes per sample)"
         )
     for item in estimates:
         row = [str(item.input_shape[-1]), str(item.batch_size), format_bytes(item.peak_bytes)]
+        if replayed:
+            row.append(format_bytes(item.modelled_bytes))
         if calibration is not None:
             row.append(format_bytes(calibrated[id(item)]))
         table.add_row(*row)
@@ -320,7 +329,7 @@ def estimate(
 
 
 def _calibrated(estimates: list[Any], calibration: Any) -> dict[int, int]:
-    """Each estimate's calibrated device peak: its overhead per sample scaled by its input size's tensor bytes per
+    """Each estimate's calibrated device peak: its overhead per sample scaled by its input size's modelled bytes per
     sample (from the grid's batch sizes; by pixels when only one batch size was asked for)."""
     first = estimates[0].input_shape
     by_shape: dict[tuple[int, ...], list[Any]] = {}
@@ -329,14 +338,14 @@ def _calibrated(estimates: list[Any], calibration: Any) -> dict[int, int]:
     scales: dict[tuple[int, ...], float] = {}
     for shape, items in by_shape.items():
         low, high = min(items, key=lambda e: e.batch_size), max(items, key=lambda e: e.batch_size)
-        if high.batch_size > low.batch_size and calibration.tensor_bytes_per_sample > 0:
-            slope = (high.peak_bytes - low.peak_bytes) / (high.batch_size - low.batch_size)
-            scales[shape] = slope / calibration.tensor_bytes_per_sample
+        if high.batch_size > low.batch_size and calibration.modelled_bytes_per_sample > 0:
+            slope = (high.modelled_bytes - low.modelled_bytes) / (high.batch_size - low.batch_size)
+            scales[shape] = slope / calibration.modelled_bytes_per_sample
         else:
             scales[shape] = (shape[-1] * shape[-2]) / (first[-1] * first[-2])
     if len(by_shape[first]) > 1:
         scales = {shape: scale / scales[first] for shape, scale in scales.items()}  # the calibrated shape is 1
-    return {id(e): calibration.peak(e.peak_bytes, e.batch_size, scales[e.input_shape]) for e in estimates}
+    return {id(e): calibration.predict(e, scales[e.input_shape]) for e in estimates}
 
 
 register_trainer(app)

@@ -24,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._tracking import StorageBook
 from ._units import format_bytes
+from .allocator import MPS_ALLOCATOR, AllocatorModel
 
 __all__ = [
     "BACKENDS",
@@ -142,6 +143,9 @@ class MemoryBackend(ABC):
     """torch's SyncBatchNorm runs here (CUDA GPUs only)."""
     collectives: str | None = "gloo"
     """The torch.distributed backend that reduces this device's tensors (None: none can, as on MPS)."""
+    allocator_rules: AllocatorModel | None = None
+    """The caching allocator's rules a dry run replays to model this device (`mps_autobatch.allocator`); None:
+    no model of them (the CPU counts tensors exactly; CUDA's block-splitting allocator is not modelled)."""
 
     def check_can_run(self, limit_bytes: int) -> None:  # noqa: B027 - a real device runs what fits its limit
         """Raise a one-line `ValueError` when steps up to ``limit_bytes`` cannot run here (a simulated Mac's RAM)."""
@@ -247,6 +251,7 @@ class MPSBackend(MemoryBackend):
     aborts_on_failure = True
     collectives: str | None = None  # gloo and nccl reduce no MPS tensors
     empty_cache_every = 10  # the seed's cadence: torch.mps.empty_cache() every 10 batches (REFERENCE.md A)
+    allocator_rules = MPS_ALLOCATOR
 
     def __init__(
         self,

@@ -4,8 +4,10 @@ Under `torch._subclasses.fake_tensor.FakeTensorMode` every tensor is metadata on
 step (forward, cross-entropy, backward, optimizer step) runs in seconds with no memory behind it, and
 `torch.distributed._tools.mem_tracker.MemTracker` books each storage as the real step would allocate it.
 The result is the peak of live tensor bytes: parameters, buffers, gradients, optimizer state, activations
-and backward temporaries. It does not include allocator caches, CUDA context or MPSGraph memory; calibrate
-against one real probe before trusting it near a limit.
+and backward temporaries. Given a device's allocator rules (`mps_autobatch.allocator`), the same trace also
+replays every buffer through a caching allocator: rounding and cache included, what its heaps hold at the
+peak. Neither includes CUDA context or MPSGraph memory: `calibrate` measures what the device adds on two real
+steps before the estimate is trusted near a limit.
 
 Tracing is on fake *cpu* tensors: a fake "mps" or "cuda" module cannot be built where that backend is
 missing, and tensor sizes do not depend on the device.
@@ -13,7 +15,9 @@ missing, and tensor sizes do not depend on the device.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +27,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
+from ._tracking import StorageBook
+from .allocator import AllocatorModel, CachingAllocator
 from .devices import CPUBackend, MemoryBackend
 from .errors import AutobatchError
 from .step import AMP_DTYPES, TrainingStep
@@ -43,11 +49,20 @@ class Estimate:
         peak_bytes: the predicted peak of live tensor bytes during the step (parameters, buffers,
             gradients, optimizer state, activations and temporaries), with the optimizer state already
             created by an earlier step.
+        allocator_bytes: with allocator rules, the peak of what a caching allocator with those rules holds
+            for the same step from an empty cache (its buffers rounded up, and the freed ones it keeps);
+            None without rules.
     """
 
     batch_size: int
     input_shape: tuple[int, ...]
     peak_bytes: int
+    allocator_bytes: int | None = None
+
+    @property
+    def modelled_bytes(self) -> int:
+        """What the device's allocator would hold, where rules were given; the tensor peak where not."""
+        return self.peak_bytes if self.allocator_bytes is None else self.allocator_bytes
 
 
 def _check_args(
@@ -138,6 +153,7 @@ def _trace(
     optimizer: str,
     amp: str | None,
     channels_last: bool = False,
+    allocator: AllocatorModel | None = None,
 ) -> list[Estimate]:
     _check_args(input_shapes, batch_sizes, num_classes, optimizer, amp)
     shapes = [tuple(shape) for shape in input_shapes]
@@ -155,19 +171,29 @@ def _trace(
                 for param in fake.parameters():
                     if param.dim() == 4:
                         param.data = param.data.contiguous(memory_format=torch.channels_last)
-        with mode:
+        # Every buffer of the step lives on the device (parameters, state, the batch, activations): the replay
+        # books each storage the step touches or makes, from the first step on, so the state is booked too.
+        books = CachingAllocator(allocator) if allocator is not None else None
+        replay = StorageBook(books.allocate, books.release, adopt_inputs="all") if books is not None else None
+        with mode, replay or contextlib.nullcontext():
             opt = OPTIMIZERS[optimizer](fake.parameters())
-            # An untracked first step creates the optimizer state, so every traced step is a steady one.
-            _fake_step(fake, opt, *points[0], num_classes, amp, channels_last)
-        estimates = []
-        for shape, batch_size in points:
-            # A fresh tracker per step: its peak starts from what is live now (params, buffers, state).
-            tracker = MemTracker()
-            tracker.track_external(fake, opt)
-            with mode, tracker:
-                _fake_step(fake, opt, shape, batch_size, num_classes, amp, channels_last)
-            peak = tracker.get_tracker_snapshot("peak").get(_CPU, {}).get("Total", 0)
-            estimates.append(Estimate(batch_size=batch_size, input_shape=shape, peak_bytes=int(peak)))
+            # An untracked first step creates the optimizer state, so every traced step is a steady one. It runs
+            # at up to two samples, as a probe's warm-up does: the buffers the state is given depend on what the
+            # first step's activations left in the allocator's cache.
+            _fake_step(fake, opt, points[0][0], min(2, *batch_sizes), num_classes, amp, channels_last)
+            estimates = []
+            for shape, batch_size in points:
+                if books is not None:
+                    books.empty_cache()  # each step from an empty cache, as a probe's trial runs
+                    books.reset_peak()
+                # A fresh tracker per step: its peak starts from what is live now (params, buffers, state).
+                tracker = MemTracker()
+                tracker.track_external(fake, opt)
+                with tracker:
+                    _fake_step(fake, opt, shape, batch_size, num_classes, amp, channels_last)
+                peak = tracker.get_tracker_snapshot("peak").get(_CPU, {}).get("Total", 0)
+                held = books.peak_heap_bytes if books is not None else None
+                estimates.append(Estimate(batch_size, shape, peak_bytes=int(peak), allocator_bytes=held))
     return estimates
 
 
@@ -179,6 +205,7 @@ def estimate_peak(
     num_classes: int,
     optimizer: str = "adamw",
     amp: str | None = None,
+    allocator: AllocatorModel | None = None,
 ) -> Estimate:
     """Predict the peak tensor memory of one training step of ``model``, with no device and no real memory.
 
@@ -195,6 +222,8 @@ def estimate_peak(
         num_classes: classes for the synthetic targets (the model's output size).
         optimizer: "adamw", "adam" or "sgd" (with momentum), as in `mps_autobatch.workload.OPTIMIZERS`.
         amp: None, "bf16" or "fp16" (autocast; fp16 without a GradScaler).
+        allocator: a device's allocator rules (``backend.allocator_rules``) to replay the step's buffers
+            through as well, for ``allocator_bytes``; None: tensors only.
 
     Returns:
         The `Estimate` for this batch size and input shape.
@@ -208,7 +237,7 @@ def estimate_peak(
         >>> est = estimate_peak(lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4)),
         ...                     input_shape=(3, 2, 2), batch_size=8, num_classes=4)
         >>> est
-        Estimate(batch_size=8, input_shape=(3, 2, 2), peak_bytes=1676)
+        Estimate(batch_size=8, input_shape=(3, 2, 2), peak_bytes=1676, allocator_bytes=None)
         >>> est.peak_bytes > 4 * (12 * 4 + 4) * 4  # at least parameters, gradients and two Adam moments
         True
     """
@@ -219,6 +248,7 @@ def estimate_peak(
         num_classes=num_classes,
         optimizer=optimizer,
         amp=amp,
+        allocator=allocator,
     )
     return estimate
 
@@ -232,6 +262,7 @@ def estimate_grid(
     optimizer: str = "adamw",
     amp: str | None = None,
     channels_last: bool = False,
+    allocator: AllocatorModel | None = None,
 ) -> list[Estimate]:
     """Predict the peak for every input shape and batch size, building the fake model only once.
 
@@ -246,6 +277,7 @@ def estimate_grid(
         optimizer: "adamw", "adam" or "sgd".
         amp: None, "bf16" or "fp16".
         channels_last: the model and image batches in the channels-last memory format.
+        allocator: allocator rules to replay each step's buffers through, as in `estimate_peak`.
 
     Returns:
         One `Estimate` per (input shape, batch size), shapes in the outer loop, in the order given.
@@ -261,6 +293,10 @@ def estimate_grid(
         [8, 64]
         >>> grid[0].peak_bytes < grid[1].peak_bytes
         True
+        >>> from mps_autobatch.allocator import MPS_ALLOCATOR  # each buffer takes at least a 16 KiB page
+        >>> estimate_grid(lambda: nn.Sequential(nn.Flatten(), nn.Linear(12, 4)), input_shapes=[(3, 2, 2)],
+        ...               batch_sizes=[8], num_classes=4, allocator=MPS_ALLOCATOR)[0].allocator_bytes // 2**14
+        16
     """
     return _trace(
         model_factory,
@@ -270,6 +306,7 @@ def estimate_grid(
         optimizer=optimizer,
         amp=amp,
         channels_last=channels_last,
+        allocator=allocator,
     )
 
 
@@ -312,45 +349,62 @@ def measure_peak(
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a device holds beyond the dry run's tensors, as a fixed amount plus an amount per sample.
+    """What a device holds beyond the dry run's model of it, as a fixed amount plus an amount per sample.
 
-    The dry run counts a step's tensors exactly at any size; what the device adds on top is mostly fixed
-    (Metal and MPSGraph memory, the CUDA context, what the allocator keeps at rest) plus its cache and
-    rounding, which grow with what a step allocates and frees, so with the batch: one factor measured at one
-    size goes wrong away from it; two real steps give both parts.
+    The dry run counts a step's tensors exactly at any size and, with the device's allocator rules, replays its
+    buffers through a caching allocator (rounding and cache: what changes shape from one batch size to
+    another). What is left is the device's own: Metal and MPSGraph memory or the CUDA context (fixed), and
+    where its allocator differs from the rules (mostly more or less per sample); two real steps give both.
 
     Attributes:
-        fixed_bytes: the overhead at zero samples (may be negative: rounding of the two readings).
-        per_sample_bytes: the overhead each sample adds.
+        fixed_bytes: the device's memory beyond the model at zero samples (may be negative: rounding of the
+            two readings, or an allocator that holds less than the rules say).
+        per_sample_bytes: what each sample adds beyond the model.
         sizes: the batch sizes of the two real steps.
         measured_bytes: their measured device peaks.
-        tensor_bytes: the dry run's tensor peaks at the same sizes.
+        modelled_bytes: the dry run's model at the same sizes (`Estimate.modelled_bytes`).
+        allocator: the allocator rules the model replayed (None: tensors alone); estimates to be calibrated
+            must be traced with the same.
     """
 
     fixed_bytes: int
     per_sample_bytes: float
     sizes: tuple[int, int]
     measured_bytes: tuple[int, int]
-    tensor_bytes: tuple[int, int]
+    modelled_bytes: tuple[int, int]
+    allocator: AllocatorModel | None = None
 
     @property
-    def tensor_bytes_per_sample(self) -> float:
-        """The dry run's tensor bytes per sample between the two sizes (what ``overhead_scale`` compares with)."""
-        return (self.tensor_bytes[1] - self.tensor_bytes[0]) / (self.sizes[1] - self.sizes[0])
+    def modelled_bytes_per_sample(self) -> float:
+        """The model's bytes per sample between the two sizes (what ``overhead_scale`` compares with)."""
+        return (self.modelled_bytes[1] - self.modelled_bytes[0]) / (self.sizes[1] - self.sizes[0])
 
-    def peak(self, tensor_bytes: int, batch_size: int, overhead_scale: float = 1.0) -> int:
-        """The device peak of a step whose dry run counts ``tensor_bytes`` at ``batch_size``.
+    def peak(self, modelled_bytes: int, batch_size: int, overhead_scale: float = 1.0) -> int:
+        """The device peak of a step the dry run models at ``modelled_bytes`` for ``batch_size`` samples.
 
-        ``overhead_scale``: how much more a sample of this step allocates and frees than one of the calibrated
-        step (its activations per sample over theirs), for another input size or setting.
+        ``overhead_scale``: how much more a sample of this step allocates than one of the calibrated step
+        (its modelled bytes per sample over theirs), for another input size or setting.
 
         Example:
             >>> c = Calibration(fixed_bytes=100, per_sample_bytes=5.0, sizes=(8, 16), measured_bytes=(400, 700),
-            ...                 tensor_bytes=(260, 520))
+            ...                 modelled_bytes=(260, 520))
             >>> c.peak(1000, 32), c.peak(1000, 32, overhead_scale=2.0)
             (1260, 1420)
         """
-        return int(tensor_bytes + self.fixed_bytes + self.per_sample_bytes * overhead_scale * batch_size)
+        return int(modelled_bytes + self.fixed_bytes + self.per_sample_bytes * overhead_scale * batch_size)
+
+    def predict(self, estimate: Estimate, overhead_scale: float = 1.0) -> int:
+        """The device peak of an `Estimate` traced with this calibration's allocator rules.
+
+        Raises:
+            ValueError: the estimate was traced without them (or with them where the calibration has none).
+        """
+        if (estimate.allocator_bytes is None) != (self.allocator is None):
+            raise ValueError(
+                "The estimate and the calibration model the device differently: trace the estimate with "
+                "allocator=calibration.allocator."
+            )
+        return self.peak(estimate.modelled_bytes, estimate.batch_size, overhead_scale)
 
 
 def calibrate(
@@ -365,9 +419,11 @@ def calibrate(
 ) -> Calibration:
     """Two real steps, at ``batch_size`` and twice it, against the dry run at the same sizes: a `Calibration`.
 
-    Each step runs as a probe's trial does (after a warm-up, from an empty cache) and its device peak is
-    read; the overhead (device peak minus the dry run's tensors) at the two sizes gives its fixed part and
-    its part per sample.
+    Each step runs as a probe's trial does (after a warm-up from a settled device, from an empty cache) and
+    its device peak is read; the dry run models the same steps with the device's allocator rules
+    (``device.allocator_rules``: MPSAllocator's on a Mac; none elsewhere, where the model is the tensors
+    alone), and what the device holds beyond the model at the two sizes gives a fixed part and a part per
+    sample.
 
     Raises:
         AutobatchError: the device read no memory, or the two steps read the same.
@@ -377,12 +433,11 @@ def calibrate(
         >>> factory = lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 10))
         >>> c = calibrate(factory, simulated_backend("mps:16GiB"), input_shape=(3, 4, 4), batch_size=64,
         ...               num_classes=10)
-        >>> c.sizes, c.fixed_bytes > 64 * 2**20  # Metal's other allocations are fixed
-        ((64, 128), True)
+        >>> c.sizes, c.fixed_bytes // 2**20  # Metal's other allocations: the simulated Mac's 64 MiB
+        ((64, 128), 64)
     """
-    from .workload import make_workload
-
     sizes = (batch_size, 2 * batch_size)
+    rules = device.allocator_rules
     estimates = estimate_grid(
         model_factory,
         input_shapes=[tuple(input_shape)],
@@ -390,26 +445,16 @@ def calibrate(
         num_classes=num_classes,
         optimizer=optimizer,
         amp=amp,
+        allocator=rules,
     )
-    workload = make_workload(
-        model_factory(),
-        device=device.device,
-        input_shape=input_shape,
-        num_classes=num_classes,
-        optimizer=optimizer,
-        amp=amp,  # type: ignore[arg-type]
-    )
-    measured = []
-    with workload, device.session(device.limit().bytes):
-        workload.warm_up(min(2, batch_size))
-        for size in sizes:
-            device.clear_cache()
-            with device.measure() as window:
-                workload.step(size)
-            if window.peak_bytes is None:
-                raise AutobatchError(f"{device.name} reported no memory for the calibration step; drop --calibrate.")
-            measured.append(window.peak_bytes)
-    (e1, e2), (p1, p2) = (e.peak_bytes for e in estimates), measured
+    try:
+        measured = _device_peaks(model_factory, device, input_shape, sizes, num_classes, optimizer, amp)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the failed step's frames hold its tensors
+        raise
+    finally:
+        device.clear_cache()  # as a probe does, once the model is gone: leave no cached buffers behind
+    (e1, e2), (p1, p2) = (e.modelled_bytes for e in estimates), measured
     if p2 == p1:
         raise AutobatchError(
             f"The calibration steps at {sizes[0]} and {sizes[1]} read the same memory on {device.name}: the step's "
@@ -421,5 +466,39 @@ def calibrate(
         per_sample_bytes=per_sample,
         sizes=sizes,
         measured_bytes=(p1, p2),
-        tensor_bytes=(e1, e2),
+        modelled_bytes=(e1, e2),
+        allocator=rules,
     )
+
+
+def _device_peaks(
+    model_factory: Callable[[], nn.Module],
+    device: MemoryBackend,
+    input_shape: Sequence[int],
+    sizes: Sequence[int],
+    num_classes: int,
+    optimizer: str,
+    amp: str | None,
+) -> list[int]:
+    """The device peak of one real step at each size, each from an empty cache after a probe's warm-up."""
+    workload = make_workload(
+        model_factory(),
+        device=device.device,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        optimizer=optimizer,
+        amp=amp,  # type: ignore[arg-type]
+    )
+    measured = []
+    with workload, device.session(device.limit().bytes):
+        # As a probe's warm-up: a cache left by earlier work would hand the optimizer state oversized buffers.
+        device.settle()
+        workload.warm_up(min(2, sizes[0]))
+        for size in sizes:
+            device.clear_cache()
+            with device.measure() as window:
+                workload.step(size)
+            if window.peak_bytes is None:
+                raise AutobatchError(f"{device.name} reported no memory for the calibration step; drop --calibrate.")
+            measured.append(window.peak_bytes)
+    return measured

@@ -2,12 +2,13 @@
 
 A lever is one change to the training step: the model's own input size, bf16 or fp16 autocast, the
 channels-last layout, SGD instead of Adam(W), or timm's gradient checkpointing. Each is predicted, not run:
-the dry run (`mps_autobatch.estimate`) counts the step's tensor bytes with the lever applied, exactly, and one
-calibration of the step as given (two real steps near its own answer, `estimate.calibrate`: the allocator's
-cache grows with the batch) adds what the device holds on top, a fixed amount plus an amount per sample
-scaled by the lever's tensor bytes per sample. The largest batch is where the sum meets the budget; the dry
-run is traced again near it, since a step's tensor peak bends where a new phase takes over. With
-``verify=True`` the top three are probed for real (`find_safe_batch_size`).
+the dry run (`mps_autobatch.estimate`) counts the step's tensor bytes with the lever applied, exactly, and
+replays its buffers through the device's allocator rules (rounding and cache), and one calibration of the step
+as given (two real steps near its own answer, `estimate.calibrate`) adds what the device holds beyond that, a
+fixed amount plus an amount per sample scaled by the lever's bytes per sample. The largest batch is where the
+sum meets the budget; the dry run is traced again near it, since a step's peak bends where a new phase takes
+over and the allocator's pools change with buffer sizes. With ``verify=True`` the top three are probed for real
+(`find_safe_batch_size`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import timm
 from torch import nn
 
 from ._units import format_bytes
+from .allocator import AllocatorModel
 from .devices import MemoryBackend, get_backend
 from .estimate import Calibration, calibrate, estimate_grid
 
@@ -130,8 +132,10 @@ def _factory(name: str, num_classes: int, setup: _Setup) -> Callable[[], nn.Modu
     return functools.partial(_build, name, num_classes, setup.grad_checkpointing)
 
 
-def _tensor_line(name: str, num_classes: int, setup: _Setup, sizes: tuple[int, int]) -> tuple[float, float]:
-    """(fixed, per sample) of the dry run's tensor bytes through two batch sizes."""
+def _line(
+    name: str, num_classes: int, setup: _Setup, sizes: tuple[int, int], allocator: AllocatorModel | None
+) -> tuple[float, float]:
+    """(fixed, per sample) of the dry run's model of the device (`Estimate.modelled_bytes`) through two batch sizes."""
     low, high = estimate_grid(
         _factory(name, num_classes, setup),
         input_shapes=[(3, setup.image_size, setup.image_size)],
@@ -140,14 +144,15 @@ def _tensor_line(name: str, num_classes: int, setup: _Setup, sizes: tuple[int, i
         optimizer=setup.optimizer,
         amp=setup.amp,
         channels_last=setup.channels_last,
+        allocator=allocator,
     )
-    per_sample = (high.peak_bytes - low.peak_bytes) / (sizes[1] - sizes[0])
-    return low.peak_bytes - per_sample * sizes[0], per_sample
+    per_sample = (high.modelled_bytes - low.modelled_bytes) / (sizes[1] - sizes[0])
+    return low.modelled_bytes - per_sample * sizes[0], per_sample
 
 
 def _largest(line: tuple[float, float], calibration: Calibration, budget: int) -> int:
-    """Where tensors + the calibrated overhead meet the budget; the overhead per sample scales with the line's
-    tensor bytes per sample (a step that allocates more per sample caches more per sample)."""
+    """Where the model + what the device holds beyond it meet the budget; that per sample scales with the line's
+    bytes per sample (a step that allocates more per sample leaves more per sample beyond the model)."""
     fixed, per_sample = line
     if per_sample <= 0:
         return 0
@@ -156,7 +161,7 @@ def _largest(line: tuple[float, float], calibration: Calibration, budget: int) -
 
 
 def _scale(line: tuple[float, float], calibration: Calibration) -> float:
-    calibrated = calibration.tensor_bytes_per_sample
+    calibrated = calibration.modelled_bytes_per_sample
     return line[1] / calibrated if calibrated > 0 else 1.0
 
 
@@ -164,10 +169,10 @@ def _predict(
     name: str, num_classes: int, setup: _Setup, calibration: Calibration, budget: int
 ) -> tuple[int, tuple[float, float]]:
     """The predicted largest batch, from a line traced at 1 and 2 samples and then again near the answer."""
-    line = _tensor_line(name, num_classes, setup, (1, 2))
+    line = _line(name, num_classes, setup, (1, 2), calibration.allocator)
     first = _largest(line, calibration, budget)
     if first >= 4:
-        line = _tensor_line(name, num_classes, setup, (max(1, first // 2), first))
+        line = _line(name, num_classes, setup, (max(1, first // 2), first), calibration.allocator)
     return _largest(line, calibration, budget), line
 
 
@@ -269,7 +274,7 @@ def advise(
     budget = int(limit.bytes * (1 - headroom))
     given = _Setup(image_size=image_size, optimizer=optimizer)
 
-    # Calibrate on the step as given, near its own answer: first at an eighth of what the tensors alone allow,
+    # Calibrate on the step as given, near its own answer: first at an eighth of what the model alone allows,
     # then, from that prediction, at half the given step's batch and at the batch itself.
     def calibrated_at(batch_size: int) -> Calibration:
         return calibrate(
@@ -281,7 +286,7 @@ def advise(
             optimizer=optimizer,
         )
 
-    fixed, per_sample = _tensor_line(model, num_classes, given, (1, 2))
+    fixed, per_sample = _line(model, num_classes, given, (1, 2), backend.allocator_rules)
     tensors_alone = max(0, math.floor((budget - fixed) / per_sample)) if per_sample > 0 else 0
     calibration = calibrated_at(tensors_alone // 8)
     near = _predict(model, num_classes, given, calibration, budget)[0] // 2

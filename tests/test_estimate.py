@@ -108,3 +108,73 @@ def test_a_factory_whose_constructor_reads_tensor_values_is_still_estimated() ->
     estimate = estimate_peak(_ReadsATensorValue, input_shape=(3, 2, 2), batch_size=8, num_classes=4)
     measured = measure_peak(_ReadsATensorValue(), input_shape=(3, 2, 2), batch_size=8, num_classes=4)
     assert estimate.peak_bytes == measured
+
+
+def _small_convnet() -> nn.Module:
+    return timm.create_model("test_efficientnet", num_classes=10, pretrained=False)
+
+
+def _measured_on(backend, sizes, shape=(3, 64, 64)) -> list[int]:
+    from mps_autobatch.workload import make_workload
+
+    with make_workload(_small_convnet(), device=backend.device, input_shape=shape, num_classes=10) as work:
+        with backend.session(backend.limit().bytes):
+            backend.settle()
+            work.warm_up(2)
+            peaks = []
+            for size in sizes:
+                backend.clear_cache()
+                with backend.measure() as window:
+                    work.step(size)
+                peaks.append(window.peak_bytes)
+    return peaks
+
+
+def test_calibrated_on_a_mac_the_replay_predicts_its_peak_at_4x_and_8x() -> None:
+    from mps_autobatch.estimate import calibrate
+    from mps_autobatch.simulate import simulated_backend
+
+    backend = simulated_backend("mps:16GiB")
+    line = calibrate(_small_convnet, backend, input_shape=(3, 64, 64), batch_size=4, num_classes=10)
+    assert line.allocator == backend.allocator_rules and line.sizes == (4, 8)
+    grid = estimate_grid(
+        _small_convnet, input_shapes=[(3, 64, 64)], batch_sizes=[16, 32], num_classes=10, allocator=line.allocator
+    )
+    measured = _measured_on(backend, [16, 32])
+    errors = [line.predict(e) / m - 1 for e, m in zip(grid, measured)]
+    tensors_only = [(e.peak_bytes + line.fixed_bytes) / m - 1 for e, m in zip(grid, measured)]
+    print(f"calibrated errors {errors}, tensors + the same fixed amount {tensors_only}")
+    # The simulated Mac's allocator has the rules the replay uses: what is left is its 64 MiB of other allocations.
+    assert abs(line.fixed_bytes - 64 * 2**20) < 2 * 2**20 and abs(line.per_sample_bytes) < 0.05 * 2**20
+    assert all(abs(error) < 0.01 for error in errors)
+    assert all(error < -0.05 for error in tensors_only)  # rounding and cache: what tensors alone leave out
+
+
+def test_calibration_starts_from_an_empty_cache_and_leaves_none_behind() -> None:
+    from mps_autobatch.estimate import calibrate
+    from mps_autobatch.simulate import simulated_backend
+
+    fresh = calibrate(_small_convnet, simulated_backend("mps:16GiB"), input_shape=(3, 64, 64), batch_size=4,
+                      num_classes=10)  # fmt: skip
+    backend = simulated_backend("mps:16GiB")
+    with backend.sim.tracking():
+        leftovers = [torch.empty(n * 2**18) for n in range(1, 40)]  # earlier work's buffers, freed into the cache
+    del leftovers
+    after_work = calibrate(_small_convnet, backend, input_shape=(3, 64, 64), batch_size=4, num_classes=10)
+    assert after_work.measured_bytes == fresh.measured_bytes
+    sim = backend.sim  # beyond what is still live, only Metal's other allocations: no cached buffers
+    assert sim.driver_allocated_memory() - sim.current_allocated_memory() == 64 * 2**20
+
+
+def test_a_calibration_refuses_an_estimate_traced_without_its_allocator_rules() -> None:
+    from mps_autobatch.allocator import MPS_ALLOCATOR
+    from mps_autobatch.estimate import Calibration
+
+    line = Calibration(0, 0.0, (4, 8), (10, 20), (5, 10), allocator=MPS_ALLOCATOR)
+    tensors_only = estimate_peak(_small_convnet, input_shape=(3, 32, 32), batch_size=2, num_classes=10)
+    with pytest.raises(ValueError) as error:
+        line.predict(tensors_only)
+    assert str(error.value) == (
+        "The estimate and the calibration model the device differently: trace the estimate with "
+        "allocator=calibration.allocator."
+    )
