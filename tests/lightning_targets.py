@@ -6,6 +6,7 @@ The DDP run is a script because Lightning's "ddp" strategy starts the other rank
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import lightning.pytorch as L
@@ -76,16 +77,15 @@ if __name__ == "__main__":
     module = MLP()
     run.fit(module)
     assert finder.result is not None
-    print(
-        "RESULT "
-        + json.dumps(
-            {
-                "rank": run.global_rank,
-                "micro": finder.optimal_batch_size,
-                "accumulation": run.accumulate_grad_batches,
-                "trials": [t.batch_size for t in finder.result.trials],
-                "seen": module.seen[-4:],
-            }
-        ),
-        flush=True,
+    line = "RESULT " + json.dumps(
+        {
+            "rank": run.global_rank,
+            "micro": finder.optimal_batch_size,
+            "accumulation": run.accumulate_grad_batches,
+            "trials": [t.batch_size for t in finder.result.trials],
+            "seen": module.seen[-4:],
+        }
     )
+    # One write of the whole line: both ranks share the pipe, and print's text and newline could interleave.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (line + "\n").encode())
