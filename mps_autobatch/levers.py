@@ -6,9 +6,9 @@ the dry run (`mps_autobatch.estimate`) counts the step's tensor bytes with the l
 replays its buffers through the device's allocator rules (rounding and cache), and one calibration of the step
 as given (two real steps near its own answer, `estimate.calibrate`) adds what the device holds beyond that, a
 fixed amount plus an amount per sample scaled by the lever's bytes per sample. The largest batch is where the
-sum meets the budget; the dry run is traced again near it, since a step's peak bends where a new phase takes
-over and the allocator's pools change with buffer sizes. With ``verify=True`` the top three are probed for real
-(`find_safe_batch_size`).
+sum meets the budget: a line through 1 and 2 samples guesses it, and the dry run is traced at pairs of sizes
+around the guess until one fits and the next does not, since the allocator's rounding and pools make the peak
+a staircase no line follows. With ``verify=True`` the top three are probed for real (`find_safe_batch_size`).
 """
 
 from __future__ import annotations
@@ -132,22 +132,35 @@ def _factory(name: str, num_classes: int, setup: _Setup) -> Callable[[], nn.Modu
     return functools.partial(_build, name, num_classes, setup.grad_checkpointing)
 
 
-def _line(
-    name: str, num_classes: int, setup: _Setup, sizes: tuple[int, int], allocator: AllocatorModel | None
-) -> tuple[float, float]:
-    """(fixed, per sample) of the dry run's model of the device (`Estimate.modelled_bytes`) through two batch sizes."""
-    low, high = estimate_grid(
-        _factory(name, num_classes, setup),
-        input_shapes=[(3, setup.image_size, setup.image_size)],
-        batch_sizes=list(sizes),
-        num_classes=num_classes,
-        optimizer=setup.optimizer,
-        amp=setup.amp,
-        channels_last=setup.channels_last,
-        allocator=allocator,
-    )
-    per_sample = (high.modelled_bytes - low.modelled_bytes) / (sizes[1] - sizes[0])
-    return low.modelled_bytes - per_sample * sizes[0], per_sample
+class _DryRun:
+    """The dry run's model of the device (`Estimate.modelled_bytes`) for one timm model, each size traced once."""
+
+    def __init__(self, name: str, num_classes: int, allocator: AllocatorModel | None) -> None:
+        self.name, self.num_classes, self.allocator = name, num_classes, allocator
+        self._bytes: dict[tuple[_Setup, int], int] = {}
+
+    def bytes(self, setup: _Setup, sizes: set[int] | tuple[int, ...]) -> dict[int, int]:
+        """The modelled bytes of ``setup``'s step at each size; the sizes not traced before in one dry run."""
+        todo = sorted(size for size in set(sizes) if (setup, size) not in self._bytes)
+        if todo:
+            grid = estimate_grid(
+                _factory(self.name, self.num_classes, setup),
+                input_shapes=[(3, setup.image_size, setup.image_size)],
+                batch_sizes=todo,
+                num_classes=self.num_classes,
+                optimizer=setup.optimizer,
+                amp=setup.amp,
+                channels_last=setup.channels_last,
+                allocator=self.allocator,
+            )
+            self._bytes.update({(setup, e.batch_size): e.modelled_bytes for e in grid})
+        return {size: self._bytes[setup, size] for size in sizes}
+
+    def line(self, setup: _Setup, sizes: tuple[int, int]) -> tuple[float, float]:
+        """(fixed, per sample) of the modelled bytes through two batch sizes."""
+        low, high = (self.bytes(setup, sizes)[size] for size in sizes)
+        per_sample = (high - low) / (sizes[1] - sizes[0])
+        return low - per_sample * sizes[0], per_sample
 
 
 def _largest(line: tuple[float, float], calibration: Calibration, budget: int) -> int:
@@ -166,18 +179,50 @@ def _scale(line: tuple[float, float], calibration: Calibration) -> float:
 
 
 def _predict(
-    name: str, num_classes: int, setup: _Setup, calibration: Calibration, budget: int
-) -> tuple[int, tuple[float, float]]:
-    """The predicted largest batch, from a line traced at 1 and 2 samples and then again near the answer."""
-    line = _line(name, num_classes, setup, (1, 2), calibration.allocator)
-    first = _largest(line, calibration, budget)
-    if first >= 4:
-        line = _line(name, num_classes, setup, (max(1, first // 2), first), calibration.allocator)
-    return _largest(line, calibration, budget), line
+    dry_run: _DryRun, setup: _Setup, calibration: Calibration, budget: int, requested: int | None
+) -> tuple[int, int]:
+    """The predicted largest batch and the predicted peak at ``requested`` (at that batch without one).
+
+    A line traced at 1 and 2 samples gives a first guess. The model is a staircase (the allocator's buffers
+    change pool and rounding step as the batch grows), which no line through two points follows, so the answer
+    is found on the model itself: it is traced at the guess and one more, and the next guess is where the
+    nearest points on either side of the budget meet it, until a size fits and the next does not.
+    """
+    line = dry_run.line(setup, (1, 2))
+    scale = _scale(line, calibration)
+    peaks: dict[int, int] = {}
+
+    def trace(sizes: set[int]) -> None:
+        for size, modelled in dry_run.bytes(setup, sizes).items():
+            peaks[size] = calibration.peak(modelled, size, scale)
+
+    trace({1, 2})
+    guess, best = max(1, _largest(line, calibration, budget)), 0
+    for _ in range(_ROUNDS):
+        trace({guess, guess + 1})
+        best = max((size for size, peak in peaks.items() if peak <= budget), default=0)
+        over = [size for size, peak in peaks.items() if peak > budget and size > best]
+        if over and min(over) == best + 1:
+            break
+        if not over:  # every size traced fits: go on along the last two points' slope, at most doubling
+            low, high = sorted(peaks)[-2:]
+            slope = (peaks[high] - peaks[low]) / (high - low)
+            step = (budget - peaks[high]) / slope if slope > 0 else high
+            guess = high + max(1, min(high, math.floor(step)))
+        elif best == 0:  # not even the smallest traced fits
+            break
+        else:  # between the largest that fits and the smallest that does not: where their line meets the budget
+            high = min(over)
+            share = (budget - peaks[best]) / (peaks[high] - peaks[best])
+            guess = min(high - 2, best + max(1, math.floor(share * (high - best))))
+            guess = max(guess, best)  # the pair traced next lies below high, or is best and best + 1
+    target = requested or max(best, 1)
+    trace({target})
+    return best, peaks[target]
 
 
-def _peak_at(line: tuple[float, float], calibration: Calibration, batch_size: int) -> int:
-    return calibration.peak(int(line[0] + line[1] * batch_size), batch_size, _scale(line, calibration))
+_ROUNDS = 8
+"""At most this many pairs of sizes are traced per lever (each round is one dry run of two sizes)."""
 
 
 def _levers(
@@ -286,16 +331,18 @@ def advise(
             optimizer=optimizer,
         )
 
-    fixed, per_sample = _line(model, num_classes, given, (1, 2), backend.allocator_rules)
-    tensors_alone = max(0, math.floor((budget - fixed) / per_sample)) if per_sample > 0 else 0
-    calibration = calibrated_at(tensors_alone // 8)
-    near = _predict(model, num_classes, given, calibration, budget)[0] // 2
+    dry_run = _DryRun(model, num_classes, backend.allocator_rules)  # calibrate models the device the same way
+    line = dry_run.line(given, (1, 2))
+    fixed, per_sample = line
+    model_alone = max(0, math.floor((budget - fixed) / per_sample)) if per_sample > 0 else 0
+    calibration = calibrated_at(model_alone // 8)
+    near = _largest(line, calibration, budget) // 2  # the line's guess is near enough to calibrate at
     if near > calibration.sizes[0]:
         calibration = calibrated_at(near)
 
     def lever_of(name: LeverName, change: str, setup: _Setup, note: str) -> Lever:
-        size, line = _predict(model, num_classes, setup, calibration, budget)
-        return Lever(name, change, size, _peak_at(line, calibration, requested or max(size, 1)), note=note)
+        size, peak = _predict(dry_run, setup, calibration, budget, requested)
+        return Lever(name, change, size, peak, note=note)
 
     as_given = lever_of("as_given", "nothing", given, "")
     applies, left_out = _levers(model, given, backend)

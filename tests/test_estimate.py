@@ -178,3 +178,17 @@ def test_a_calibration_refuses_an_estimate_traced_without_its_allocator_rules() 
         "The estimate and the calibration model the device differently: trace the estimate with "
         "allocator=calibration.allocator."
     )
+
+
+def test_on_the_cpu_there_are_no_allocator_rules_and_the_tensors_are_the_peak() -> None:
+    from mps_autobatch.devices import CPUBackend
+    from mps_autobatch.estimate import calibrate
+
+    line = calibrate(_small_convnet, CPUBackend(), input_shape=(3, 32, 32), batch_size=4, num_classes=10)
+    assert line.allocator is None
+    assert line.modelled_bytes == tuple(
+        e.peak_bytes
+        for e in estimate_grid(_small_convnet, input_shapes=[(3, 32, 32)], batch_sizes=[4, 8], num_classes=10)
+    )
+    # The CPU backend counts live tensor bytes storage by storage: nothing beyond the dry run's tensors.
+    assert (line.fixed_bytes, line.per_sample_bytes) == (0, 0.0)
