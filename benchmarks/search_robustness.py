@@ -290,7 +290,7 @@ def markdown(report: dict) -> str:
         f"# The search on simulated allocator variants ({report['date']})",
         "",
         f"Machine: {report['machine']}. Command: `{report['command']}`. Each variant is a rule of "
-        "`mps_autobatch.simulate.AllocatorModel` (see `ALLOCATOR_VARIANTS`); truths are found on that variant from "
+        "`mps_autobatch.allocator.AllocatorModel` (see `ALLOCATOR_VARIANTS`); truths are found on that variant from "
         "the simulation's true high-water mark. Step-eq.: our wall time over one step at the budget truth.",
         "",
         "| model (limit) | allocator | budget / max truth (largest fitting, if larger) "

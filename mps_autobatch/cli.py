@@ -329,7 +329,7 @@ def estimate(
 
 
 def _calibrated(estimates: list[Any], calibration: Any) -> dict[int, int]:
-    """Each estimate's calibrated device peak: its overhead per sample scaled by its input size's modelled bytes per
+    """Each estimate's calibrated device peak: its overhead per sample scaled by its input size's tensor bytes per
     sample (from the grid's batch sizes; by pixels when only one batch size was asked for)."""
     first = estimates[0].input_shape
     by_shape: dict[tuple[int, ...], list[Any]] = {}
@@ -338,9 +338,9 @@ def _calibrated(estimates: list[Any], calibration: Any) -> dict[int, int]:
     scales: dict[tuple[int, ...], float] = {}
     for shape, items in by_shape.items():
         low, high = min(items, key=lambda e: e.batch_size), max(items, key=lambda e: e.batch_size)
-        if high.batch_size > low.batch_size and calibration.modelled_bytes_per_sample > 0:
-            slope = (high.modelled_bytes - low.modelled_bytes) / (high.batch_size - low.batch_size)
-            scales[shape] = slope / calibration.modelled_bytes_per_sample
+        if high.batch_size > low.batch_size and calibration.tensor_bytes_per_sample > 0:
+            slope = (high.peak_bytes - low.peak_bytes) / (high.batch_size - low.batch_size)
+            scales[shape] = slope / calibration.tensor_bytes_per_sample
         else:
             scales[shape] = (shape[-1] * shape[-2]) / (first[-1] * first[-2])
     if len(by_shape[first]) > 1:

@@ -37,6 +37,8 @@ from .workload import OPTIMIZERS, make_workload
 __all__ = ["Calibration", "Estimate", "calibrate", "estimate_grid", "estimate_peak", "measure_peak"]
 
 _CPU = torch.device("cpu")
+WARM_UP_SAMPLES = 2
+"""The size of the uncounted first step that creates the optimizer state, in the dry run and in `calibrate`."""
 
 
 @dataclass(frozen=True)
@@ -178,9 +180,9 @@ def _trace(
         with mode, replay or contextlib.nullcontext():
             opt = OPTIMIZERS[optimizer](fake.parameters())
             # An untracked first step creates the optimizer state, so every traced step is a steady one. It runs
-            # at up to two samples, as a probe's warm-up does: the buffers the state is given depend on what the
-            # first step's activations left in the allocator's cache.
-            _fake_step(fake, opt, points[0][0], min(2, *batch_sizes), num_classes, amp, channels_last)
+            # at WARM_UP_SAMPLES whatever the sizes traced, as a probe's and calibrate's warm-ups do: the buffers
+            # the state is given depend on what the first step's activations left in the allocator's cache.
+            _fake_step(fake, opt, points[0][0], WARM_UP_SAMPLES, num_classes, amp, channels_last)
             estimates = []
             for shape, batch_size in points:
                 if books is not None:
@@ -363,6 +365,7 @@ class Calibration:
         sizes: the batch sizes of the two real steps.
         measured_bytes: their measured device peaks.
         modelled_bytes: the dry run's model at the same sizes (`Estimate.modelled_bytes`).
+        tensor_bytes: the dry run's tensor peaks at the same sizes.
         allocator: the allocator rules the model replayed (None: tensors alone); estimates to be calibrated
             must be traced with the same.
     """
@@ -372,22 +375,24 @@ class Calibration:
     sizes: tuple[int, int]
     measured_bytes: tuple[int, int]
     modelled_bytes: tuple[int, int]
+    tensor_bytes: tuple[int, int]
     allocator: AllocatorModel | None = None
 
     @property
-    def modelled_bytes_per_sample(self) -> float:
-        """The model's bytes per sample between the two sizes (what ``overhead_scale`` compares with)."""
-        return (self.modelled_bytes[1] - self.modelled_bytes[0]) / (self.sizes[1] - self.sizes[0])
+    def tensor_bytes_per_sample(self) -> float:
+        """The dry run's tensor bytes per sample between the two sizes (what ``overhead_scale`` compares with:
+        tensors grow with the batch in a straight line, where the allocator's model climbs in stairs)."""
+        return (self.tensor_bytes[1] - self.tensor_bytes[0]) / (self.sizes[1] - self.sizes[0])
 
     def peak(self, modelled_bytes: int, batch_size: int, overhead_scale: float = 1.0) -> int:
         """The device peak of a step the dry run models at ``modelled_bytes`` for ``batch_size`` samples.
 
         ``overhead_scale``: how much more a sample of this step allocates than one of the calibrated step
-        (its modelled bytes per sample over theirs), for another input size or setting.
+        (its tensor bytes per sample over theirs), for another input size or setting.
 
         Example:
             >>> c = Calibration(fixed_bytes=100, per_sample_bytes=5.0, sizes=(8, 16), measured_bytes=(400, 700),
-            ...                 modelled_bytes=(260, 520))
+            ...                 modelled_bytes=(260, 520), tensor_bytes=(200, 400))
             >>> c.peak(1000, 32), c.peak(1000, 32, overhead_scale=2.0)
             (1260, 1420)
         """
@@ -419,7 +424,8 @@ def calibrate(
 ) -> Calibration:
     """Two real steps, at ``batch_size`` and twice it, against the dry run at the same sizes: a `Calibration`.
 
-    Each step runs as a probe's trial does (after a warm-up from a settled device, from an empty cache) and
+    Each step runs as a probe's trial does (after a warm-up at two samples from a settled device, from an empty
+    cache) and
     its device peak is read; the dry run models the same steps with the device's allocator rules
     (``device.allocator_rules``: MPSAllocator's on a Mac; none elsewhere, where the model is the tensors
     alone), and what the device holds beyond the model at the two sizes gives a fixed part and a part per
@@ -467,6 +473,7 @@ def calibrate(
         sizes=sizes,
         measured_bytes=(p1, p2),
         modelled_bytes=(e1, e2),
+        tensor_bytes=(estimates[0].peak_bytes, estimates[1].peak_bytes),
         allocator=rules,
     )
 
@@ -493,7 +500,7 @@ def _device_peaks(
     with workload, device.session(device.limit().bytes):
         # As a probe's warm-up: a cache left by earlier work would hand the optimizer state oversized buffers.
         device.settle()
-        workload.warm_up(min(2, sizes[0]))
+        workload.warm_up(WARM_UP_SAMPLES)
         for size in sizes:
             device.clear_cache()
             with device.measure() as window:

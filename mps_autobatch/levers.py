@@ -25,7 +25,7 @@ from torch import nn
 from ._units import format_bytes
 from .allocator import AllocatorModel
 from .devices import MemoryBackend, get_backend
-from .estimate import Calibration, calibrate, estimate_grid
+from .estimate import Calibration, Estimate, calibrate, estimate_grid
 
 __all__ = ["Advice", "Lever", "LeverName", "advise", "describe"]
 
@@ -51,7 +51,8 @@ class Lever:
         lever: its name ("image_size", "amp_bf16", ...; "as_given" is the step unchanged).
         change: the change in words.
         batch_size: the predicted largest batch within the budget (0: not even one sample).
-        peak_bytes: the predicted device peak at the requested batch (at ``batch_size`` without one).
+        peak_bytes: the predicted device peak at the requested batch (without one: at ``batch_size``, or at one
+            sample when not even one fits).
         measured_batch_size: a real probe's answer with ``verify``; None otherwise.
         note: what to know before pulling it.
     """
@@ -71,7 +72,7 @@ class Advice:
     Attributes:
         model, image_size, optimizer, requested: what was asked about.
         device: the device the calibration ran on; ``limit_bytes`` its limit, ``budget_bytes`` after headroom.
-        calibration: what the device adds to the dry run's tensors (fixed, and per sample).
+        calibration: what the device holds beyond the dry run's model of it (fixed, and per sample).
         given: the step as given, predicted the same way.
         levers: the levers that apply, best first.
         left_out: (lever, why) for each lever that does not apply here.
@@ -133,15 +134,15 @@ def _factory(name: str, num_classes: int, setup: _Setup) -> Callable[[], nn.Modu
 
 
 class _DryRun:
-    """The dry run's model of the device (`Estimate.modelled_bytes`) for one timm model, each size traced once."""
+    """The dry run's estimates for one timm model (`Estimate.modelled_bytes`, tensors), each size traced once."""
 
     def __init__(self, name: str, num_classes: int, allocator: AllocatorModel | None) -> None:
         self.name, self.num_classes, self.allocator = name, num_classes, allocator
-        self._bytes: dict[tuple[_Setup, int], int] = {}
+        self._traced: dict[tuple[_Setup, int], Estimate] = {}
 
-    def bytes(self, setup: _Setup, sizes: set[int] | tuple[int, ...]) -> dict[int, int]:
-        """The modelled bytes of ``setup``'s step at each size; the sizes not traced before in one dry run."""
-        todo = sorted(size for size in set(sizes) if (setup, size) not in self._bytes)
+    def at(self, setup: _Setup, sizes: set[int] | tuple[int, ...]) -> dict[int, Estimate]:
+        """``setup``'s step at each size; the sizes not traced before in one dry run."""
+        todo = sorted(size for size in set(sizes) if (setup, size) not in self._traced)
         if todo:
             grid = estimate_grid(
                 _factory(self.name, self.num_classes, setup),
@@ -153,69 +154,68 @@ class _DryRun:
                 channels_last=setup.channels_last,
                 allocator=self.allocator,
             )
-            self._bytes.update({(setup, e.batch_size): e.modelled_bytes for e in grid})
-        return {size: self._bytes[setup, size] for size in sizes}
-
-    def line(self, setup: _Setup, sizes: tuple[int, int]) -> tuple[float, float]:
-        """(fixed, per sample) of the modelled bytes through two batch sizes."""
-        low, high = (self.bytes(setup, sizes)[size] for size in sizes)
-        per_sample = (high - low) / (sizes[1] - sizes[0])
-        return low - per_sample * sizes[0], per_sample
+            self._traced.update({(setup, e.batch_size): e for e in grid})
+        return {size: self._traced[setup, size] for size in sizes}
 
 
-def _largest(line: tuple[float, float], calibration: Calibration, budget: int) -> int:
-    """Where the model + what the device holds beyond it meet the budget; that per sample scales with the line's
-    bytes per sample (a step that allocates more per sample leaves more per sample beyond the model)."""
-    fixed, per_sample = line
-    if per_sample <= 0:
-        return 0
-    overhead = calibration.per_sample_bytes * _scale(line, calibration)
-    return max(0, math.floor((budget - fixed - calibration.fixed_bytes) / (per_sample + overhead)))
+def _scale(tensors_per_sample: float, calibration: Calibration) -> float:
+    """A step's tensor bytes per sample over the calibrated step's: how much more its samples leave beyond the
+    model (tensors, unlike the allocator's model, grow in a straight line, so two small sizes give the slope)."""
+    calibrated = calibration.tensor_bytes_per_sample
+    return tensors_per_sample / calibrated if calibrated > 0 else 1.0
 
 
-def _scale(line: tuple[float, float], calibration: Calibration) -> float:
-    calibrated = calibration.modelled_bytes_per_sample
-    return line[1] / calibrated if calibrated > 0 else 1.0
+def _first_guess(one: Estimate, tensors_per_sample: float, calibration: Calibration, budget: int) -> int:
+    """Where the model at one sample, growing by the tensors' slope, + what the device holds beyond it meets the
+    budget (an overestimate where rounding and cache grow too, which the search then brackets)."""
+    scale = _scale(tensors_per_sample, calibration)
+    per_sample = tensors_per_sample + calibration.per_sample_bytes * scale
+    room = budget - calibration.predict(one, scale)
+    return 1 + max(0, math.floor(room / per_sample)) if per_sample > 0 else 1
 
 
 def _predict(
     dry_run: _DryRun, setup: _Setup, calibration: Calibration, budget: int, requested: int | None
 ) -> tuple[int, int]:
-    """The predicted largest batch and the predicted peak at ``requested`` (at that batch without one).
+    """The predicted largest batch and the predicted peak at ``requested`` (without one: at that batch, or at
+    one sample when not even one fits).
 
-    A line traced at 1 and 2 samples gives a first guess. The model is a staircase (the allocator's buffers
-    change pool and rounding step as the batch grows), which no line through two points follows, so the answer
-    is found on the model itself: it is traced at the guess and one more, and the next guess is where the
-    nearest points on either side of the budget meet it, until a size fits and the next does not.
+    The tensors at 1 and 2 samples give a first guess. The allocator's model is a staircase (buffers change
+    pool and rounding step as the batch grows), which no line through two points follows, so the answer is
+    found on the model itself: it is traced at the guess and one more, and the next guess is where the nearest
+    points on either side of the budget meet it (kept a quarter of the way inside, so the bracket shrinks),
+    until a size fits and the next does not. Should `_ROUNDS` run out first, the largest size seen to fit is
+    the answer: it fits, if not by the least margin.
     """
-    line = dry_run.line(setup, (1, 2))
-    scale = _scale(line, calibration)
+    traced = dry_run.at(setup, (1, 2))
+    one = traced[1]
+    tensors_per_sample = float(traced[2].peak_bytes - one.peak_bytes)
+    scale = _scale(tensors_per_sample, calibration)
     peaks: dict[int, int] = {}
 
     def trace(sizes: set[int]) -> None:
-        for size, modelled in dry_run.bytes(setup, sizes).items():
-            peaks[size] = calibration.peak(modelled, size, scale)
+        for size, estimate in dry_run.at(setup, sizes).items():
+            peaks[size] = calibration.predict(estimate, scale)
 
     trace({1, 2})
-    guess, best = max(1, _largest(line, calibration, budget)), 0
+    guess, best = _first_guess(one, tensors_per_sample, calibration, budget), 0
     for _ in range(_ROUNDS):
         trace({guess, guess + 1})
         best = max((size for size, peak in peaks.items() if peak <= budget), default=0)
         over = [size for size, peak in peaks.items() if peak > budget and size > best]
         if over and min(over) == best + 1:
-            break
-        if not over:  # every size traced fits: go on along the last two points' slope, at most doubling
-            low, high = sorted(peaks)[-2:]
+            break  # also where not even one sample fits (best 0, over from 1)
+        if not over:  # every size traced fits: go on along the widest secant, at most quadrupling
+            low, high = min(peaks), max(peaks)
             slope = (peaks[high] - peaks[low]) / (high - low)
-            step = (budget - peaks[high]) / slope if slope > 0 else high
-            guess = high + max(1, min(high, math.floor(step)))
-        elif best == 0:  # not even the smallest traced fits
-            break
+            step = (budget - peaks[high]) / slope if slope > 0 else 3 * high
+            guess = high + max(1, min(3 * high, math.floor(step)))
         else:  # between the largest that fits and the smallest that does not: where their line meets the budget
             high = min(over)
             share = (budget - peaks[best]) / (peaks[high] - peaks[best])
-            guess = min(high - 2, best + max(1, math.floor(share * (high - best))))
-            guess = max(guess, best)  # the pair traced next lies below high, or is best and best + 1
+            margin = max(1, (high - best) // 4)
+            guess = min(max(best + math.floor(share * (high - best)), best + margin), high - margin)
+            guess = max(best, min(guess, high - 2))  # the pair (guess, guess + 1) lies below high
     target = requested or max(best, 1)
     trace({target})
     return best, peaks[target]
@@ -305,6 +305,9 @@ def advise(
         num_classes: classes of the model's head.
         verify: also probe the top three levers for real and fill ``measured_batch_size``.
 
+    Raises:
+        ValueError: ``requested`` below 1.
+
     Example (about 30 s on a 2-core CPU; tests/test_advise.py runs it)::
 
         from mps_autobatch import advise
@@ -314,6 +317,8 @@ def advise(
                         memory_limit=384 * 2**20, num_classes=10)
         advice.levers[0].lever      # "image_size": --image-size 160 fits the most
     """
+    if requested is not None and requested < 1:
+        raise ValueError(f"requested must be >= 1, got {requested}. Pass the batch you want, or None.")
     backend = get_backend(device)
     limit = backend.limit(memory_limit)
     budget = int(limit.bytes * (1 - headroom))
@@ -332,11 +337,12 @@ def advise(
         )
 
     dry_run = _DryRun(model, num_classes, backend.allocator_rules)  # calibrate models the device the same way
-    line = dry_run.line(given, (1, 2))
-    fixed, per_sample = line
-    model_alone = max(0, math.floor((budget - fixed) / per_sample)) if per_sample > 0 else 0
+    traced = dry_run.at(given, (1, 2))
+    one, tensors_per_sample = traced[1], float(traced[2].peak_bytes - traced[1].peak_bytes)
+    room = budget - one.modelled_bytes
+    model_alone = 1 + math.floor(room / tensors_per_sample) if room > 0 and tensors_per_sample > 0 else 0
     calibration = calibrated_at(model_alone // 8)
-    near = _largest(line, calibration, budget) // 2  # the line's guess is near enough to calibrate at
+    near = _first_guess(one, tensors_per_sample, calibration, budget) // 2  # near enough to calibrate at
     if near > calibration.sizes[0]:
         calibration = calibrated_at(near)
 
@@ -395,7 +401,7 @@ def describe(advice: Advice) -> list[str]:
     """The advice as plain lines, best lever first.
 
     Example:
-        >>> line = Calibration(0, 0.0, (1, 2), (1, 2), (1, 2))
+        >>> line = Calibration(0, 0.0, (1, 2), (1, 2), (1, 2), (1, 2))
         >>> lines = describe(Advice("m", 1024, "adamw", None, "cpu", 2**30, 2**29, line,
         ...     Lever("as_given", "nothing", 2, 2**28), (Lever("image_size", "--image-size 224", 40, 2**28),)))
         >>> lines[1]

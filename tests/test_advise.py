@@ -110,3 +110,47 @@ def test_bad_input_is_one_line_and_exit_2():
     ]:
         bad = runner.invoke(app, ["advise", *args])
         assert bad.exit_code == 2 and bad.output.strip() == f"Error: {message}", bad.output
+
+
+class _Staircase:
+    """A dry run whose model climbs in stairs: 10 bytes a sample of tensors, and 400 more every 7 samples."""
+
+    def __init__(self) -> None:
+        self.traced: list[int] = []
+
+    def at(self, setup, sizes):
+        from mps_autobatch.estimate import Estimate
+
+        self.traced += sorted(set(sizes) - set(self.traced))
+        return {b: Estimate(b, (3, 8, 8), 1000 + 10 * b, allocator_bytes=1000 + 10 * b + 400 * (b // 7)) for b in sizes}
+
+
+@pytest.mark.parametrize("budget", [1100, 1500, 3000, 9000, 40_000, 400_000])
+def test_the_largest_batch_is_found_on_the_stairs_not_on_a_line(budget):
+    from mps_autobatch.allocator import MPS_ALLOCATOR
+    from mps_autobatch.estimate import Calibration
+    from mps_autobatch.levers import _predict
+
+    calibration = Calibration(50, 0.0, (4, 8), (0, 0), (0, 0), (1040, 1080), allocator=MPS_ALLOCATOR)
+    stairs = _Staircase()
+    best, peak = _predict(stairs, _Setup(8), calibration, budget, requested=None)
+    fits = [b for b in range(1, 100_000) if 50 + 1000 + 10 * b + 400 * (b // 7) <= budget]
+    assert best == max(fits, default=0)
+    assert peak == 50 + 1000 + 10 * max(best, 1) + 400 * (max(best, 1) // 7)
+    assert len(stairs.traced) <= 18, stairs.traced  # 1 and 2, at most eight pairs, and the size reported
+
+
+def test_not_even_one_sample_reports_the_peak_at_one_and_a_requested_size_is_traced():
+    from mps_autobatch.allocator import MPS_ALLOCATOR
+    from mps_autobatch.estimate import Calibration
+    from mps_autobatch.levers import _predict
+
+    calibration = Calibration(50, 0.0, (4, 8), (0, 0), (0, 0), (1040, 1080), allocator=MPS_ALLOCATOR)
+    assert _predict(_Staircase(), _Setup(8), calibration, 1000, requested=None) == (0, 1060)
+    assert _predict(_Staircase(), _Setup(8), calibration, 3000, requested=64) == (34, 1050 + 640 + 400 * 9)
+
+
+def test_a_requested_batch_below_one_is_refused():
+    with pytest.raises(ValueError) as error:
+        advise(MODEL, image_size=IMAGE, requested=0, device=simulated_backend("mps:16GiB"), memory_limit=LIMIT)
+    assert str(error.value) == "requested must be >= 1, got 0. Pass the batch you want, or None."

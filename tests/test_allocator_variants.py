@@ -1,6 +1,6 @@
 """The simulated allocator's variants, and the high point of a step read on each of them.
 
-Each variant changes one rule of `mps_autobatch.simulate.AllocatorModel`; the probe must not under-read a step's
+Each variant changes one rule of `mps_autobatch.allocator.AllocatorModel`; the probe must not under-read a step's
 true high-water mark (which the simulation exposes) on any of them: a trial that fits the budget peaked within it.
 """
 

@@ -170,7 +170,7 @@ def test_a_calibration_refuses_an_estimate_traced_without_its_allocator_rules() 
     from mps_autobatch.allocator import MPS_ALLOCATOR
     from mps_autobatch.estimate import Calibration
 
-    line = Calibration(0, 0.0, (4, 8), (10, 20), (5, 10), allocator=MPS_ALLOCATOR)
+    line = Calibration(0, 0.0, (4, 8), (10, 20), (5, 10), (4, 8), allocator=MPS_ALLOCATOR)
     tensors_only = estimate_peak(_small_convnet, input_shape=(3, 32, 32), batch_size=2, num_classes=10)
     with pytest.raises(ValueError) as error:
         line.predict(tensors_only)
