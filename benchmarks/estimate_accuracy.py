@@ -30,9 +30,8 @@ import timm
 import torch
 
 from mps_autobatch.allocator import MPS_ALLOCATOR
-from mps_autobatch.estimate import calibrate, estimate_grid, estimate_peak, measure_peak
+from mps_autobatch.estimate import calibrate, estimate_grid, estimate_peak, measure_device_peaks, measure_peak
 from mps_autobatch.simulate import ALLOCATOR_VARIANTS, SimulatedMPS, SimulatedMPSBackend
-from mps_autobatch.workload import make_workload
 
 RESULTS = Path(__file__).parent / "results"
 CASES = [  # (model, image size, batch size)
@@ -72,40 +71,36 @@ def calibration_rows() -> list[dict]:
             factor = m1 / t1
             tensor_per_sample = ((m2 - t2) - (m1 - t1)) / c  # the line over tensors alone, from the same readings
             tensor_fixed = m1 - t1 - tensor_per_sample * c
-            with make_workload(factory(), device=backend.device, input_shape=shape, num_classes=10) as work:
-                with backend.session(backend.limit().bytes):
-                    backend.settle()  # as a probe starts: from an empty cache
-                    work.warm_up(2)
-                    for size in (4 * c, 8 * c):
-                        backend.clear_cache()
-                        with backend.measure() as window:
-                            work.step(size)
-                        measured = window.peak_bytes
-                        tensors = dry[size].peak_bytes
-                        predictions = {
-                            "calibrated": line.predict(dry[size]),
-                            "tensor_line": tensors + tensor_fixed + tensor_per_sample * size,
-                            "single_factor": factor * tensors,
-                        }
-                        row = {
-                            "model": name,
-                            "image_size": image_size,
-                            "variant": variant,
-                            "calibrated_at": c,
-                            "batch_size": size,
-                            "fixed_mib": round(line.fixed_bytes / MiB, 1),
-                            "per_sample_mib": round(line.per_sample_bytes / MiB, 3),
-                            "tensor_mib": round(tensors / MiB, 1),
-                            "replayed_mib": round(dry[size].modelled_bytes / MiB, 1),
-                            "measured_mib": round(measured / MiB, 1),
-                            "calibrate_s": round(calibrate_s, 1),
-                            "replay_s": round(replay_s, 1),
-                        }
-                        for key, value in predictions.items():
-                            row[f"{key}_mib"] = round(value / MiB, 1)
-                            row[f"{key}_error"] = round(value / measured - 1, 4)
-                        rows.append(row)
-                        print(rows[-1], flush=True)
+            # Measured as calibrate measures, as a probe's trials read: one step each, from an empty cache.
+            peaks = measure_device_peaks(
+                factory, backend, input_shape=shape, batch_sizes=[4 * c, 8 * c], num_classes=10
+            )
+            for size, measured in zip((4 * c, 8 * c), peaks):
+                tensors = dry[size].peak_bytes
+                predictions = {
+                    "calibrated": line.predict(dry[size]),
+                    "tensor_line": tensors + tensor_fixed + tensor_per_sample * size,
+                    "single_factor": factor * tensors,
+                }
+                row = {
+                    "model": name,
+                    "image_size": image_size,
+                    "variant": variant,
+                    "calibrated_at": c,
+                    "batch_size": size,
+                    "fixed_mib": round(line.fixed_bytes / MiB, 1),
+                    "per_sample_mib": round(line.per_sample_bytes / MiB, 3),
+                    "tensor_mib": round(tensors / MiB, 1),
+                    "replayed_mib": round(dry[size].modelled_bytes / MiB, 1),
+                    "measured_mib": round(measured / MiB, 1),
+                    "calibrate_s": round(calibrate_s, 1),
+                    "replay_s": round(replay_s, 1),
+                }
+                for key, value in predictions.items():
+                    row[f"{key}_mib"] = round(value / MiB, 1)
+                    row[f"{key}_error"] = round(value / measured - 1, 4)
+                rows.append(row)
+                print(rows[-1], flush=True)
     return rows
 
 

@@ -34,7 +34,15 @@ from .errors import AutobatchError
 from .step import AMP_DTYPES, TrainingStep
 from .workload import OPTIMIZERS, make_workload
 
-__all__ = ["Calibration", "Estimate", "calibrate", "estimate_grid", "estimate_peak", "measure_peak"]
+__all__ = [
+    "Calibration",
+    "Estimate",
+    "calibrate",
+    "estimate_grid",
+    "estimate_peak",
+    "measure_device_peaks",
+    "measure_peak",
+]
 
 _CPU = torch.device("cpu")
 WARM_UP_SAMPLES = 2
@@ -454,7 +462,15 @@ def calibrate(
         allocator=rules,
     )
     try:
-        measured = _device_peaks(model_factory, device, input_shape, sizes, num_classes, optimizer, amp)
+        measured = measure_device_peaks(
+            model_factory,
+            device,
+            input_shape=input_shape,
+            batch_sizes=sizes,
+            num_classes=num_classes,
+            optimizer=optimizer,
+            amp=amp,
+        )
     except BaseException as exc:
         traceback.clear_frames(exc.__traceback__)  # the failed step's frames hold its tensors
         raise
@@ -478,16 +494,30 @@ def calibrate(
     )
 
 
-def _device_peaks(
+def measure_device_peaks(
     model_factory: Callable[[], nn.Module],
     device: MemoryBackend,
+    *,
     input_shape: Sequence[int],
-    sizes: Sequence[int],
+    batch_sizes: Sequence[int],
     num_classes: int,
-    optimizer: str,
-    amp: str | None,
+    optimizer: str = "adamw",
+    amp: str | None = None,
 ) -> list[int]:
-    """The device peak of one real step at each size, each from an empty cache after a probe's warm-up."""
+    """The device peak of one real step at each size, as a probe's trials read it: after a warm-up at two
+    samples from a settled device, each step from an empty cache. What `calibrate` measures, and what its
+    predictions are checked against.
+
+    Raises:
+        AutobatchError: the device read no memory for a step.
+
+    Example:
+        >>> from mps_autobatch.simulate import simulated_backend
+        >>> peaks = measure_device_peaks(lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 10)),
+        ...     simulated_backend("mps:16GiB"), input_shape=(3, 4, 4), batch_sizes=[8, 64], num_classes=10)
+        >>> [peak // 2**20 for peak in peaks]  # Metal's 64 MiB, and a few 16 KiB pages
+        [64, 64]
+    """
     workload = make_workload(
         model_factory(),
         device=device.device,
@@ -501,11 +531,14 @@ def _device_peaks(
         # As a probe's warm-up: a cache left by earlier work would hand the optimizer state oversized buffers.
         device.settle()
         workload.warm_up(WARM_UP_SAMPLES)
-        for size in sizes:
+        for size in batch_sizes:
             device.clear_cache()
             with device.measure() as window:
                 workload.step(size)
             if window.peak_bytes is None:
-                raise AutobatchError(f"{device.name} reported no memory for the calibration step; drop --calibrate.")
+                raise AutobatchError(
+                    f"{device.name} reported no memory for a step at batch size {size}: nothing to calibrate "
+                    "against; drop --calibrate."
+                )
             measured.append(window.peak_bytes)
     return measured

@@ -115,19 +115,9 @@ def _small_convnet() -> nn.Module:
 
 
 def _measured_on(backend, sizes, shape=(3, 64, 64)) -> list[int]:
-    from mps_autobatch.workload import make_workload
+    from mps_autobatch.estimate import measure_device_peaks
 
-    with make_workload(_small_convnet(), device=backend.device, input_shape=shape, num_classes=10) as work:
-        with backend.session(backend.limit().bytes):
-            backend.settle()
-            work.warm_up(2)
-            peaks = []
-            for size in sizes:
-                backend.clear_cache()
-                with backend.measure() as window:
-                    work.step(size)
-                peaks.append(window.peak_bytes)
-    return peaks
+    return measure_device_peaks(_small_convnet, backend, input_shape=shape, batch_sizes=sizes, num_classes=10)
 
 
 def test_calibrated_on_a_mac_the_replay_predicts_its_peak_at_4x_and_8x() -> None:
